@@ -1,0 +1,565 @@
+"""The gateway's TOML configuration, validated once into frozen dataclasses.
+
+Everything an admin can set is read here and nowhere else.  Unknown keys,
+wrong types and bad values stop start-up with one line that names the file
+and the key, so a typo never silently turns a check off.  Relative paths
+are resolved against the working directory at load time, so the effective
+config (C{gatewayctl check-config}) always shows absolute paths.
+
+Plugin tables (C{[plugins.NAME]}) are kept as data here and validated
+against each plugin's own options type by L{gateway.registry}.
+
+Standards: TOML 1.0 (read with the stdlib C{tomllib}).
+See also: etc/gateway.toml (every key, commented); README "Configuration".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from gateway.address import canonical_domain
+
+TLS_MODES = ("none", "starttls", "starttls-required", "implicit")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration problem; C{str()} is the one line to show the admin."""
+
+    def __init__(self, path: str, key: str, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.message = message
+        super().__init__(f"{path}: {key}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """Where to send mail for a domain (a C{[routes]} value or the smarthost).
+
+    @ivar host: a host name or IP address.
+    @ivar port: the TCP port.
+    @ivar mx: look up MX records for C{host} (False for C{[host]} and IPs).
+    """
+
+    host: str
+    port: int
+    mx: bool
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if not self.mx else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """C{[server]}: identity, domains and message limits."""
+
+    hostname: str
+    local_domains: frozenset[str] = frozenset()
+    relay_domains: frozenset[str] = frozenset()
+    trusted_networks: tuple[IPNetwork, ...] = ()
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 1000
+    max_received_headers: int = 30
+    plugin_dirs: tuple[str, ...] = ()
+    soft_bounce: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One C{[[listener]]} table."""
+
+    name: str
+    address: str
+    port: int
+    tls: str = "none"
+    auth: bool = False
+    submission: bool = False
+    plugins: tuple[str, ...] = ("relay_guard",)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """C{[tls]}: the server certificate (PEM, chain allowed) and key."""
+
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """C{[queue]}: where the spool lives."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class DNSConfig:
+    """C{[dns]}: resolvers as (host, port); empty means the system's."""
+
+    servers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """C{[relay]}: the outbound side."""
+
+    port: int = 25
+    ca_file: str | None = None
+    smarthost: NextHop | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """C{[auth]}: the users file for SMTP AUTH."""
+
+    users_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """C{[limits]}: timeouts (seconds) and protocol limits."""
+
+    max_command_line: int = 512
+    max_text_line: int = 1000
+    max_header_size: int = 256 * 1024
+    max_bad_commands: int = 20
+    command_timeout: float = 300.0
+    data_timeout: float = 180.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    plugin_timeout: float = 30.0
+    input_buffer: int = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole validated configuration.
+
+    @ivar path: the file it was read from (for error messages).
+    @ivar plugin_tables: the raw C{[plugins.NAME]} tables; only
+        L{gateway.registry} reads them, into each plugin's options type.
+    """
+
+    path: str
+    server: ServerConfig
+    listeners: tuple[ListenerConfig, ...]
+    tls: TLSConfig
+    queue: QueueConfig
+    dns: DNSConfig = DNSConfig()
+    relay: RelayConfig = RelayConfig()
+    routes: Mapping[str, NextHop] = field(default_factory=dict)
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def listener(self, name: str) -> ListenerConfig:
+        """The listener called C{name}; raises KeyError."""
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, printable form of the effective config (for check-config)."""
+        return _plain(self)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, NextHop):
+        return str(value)
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (frozenset, set)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(value)
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as C{"30s"}, C{"5m"}, C{"5d"}."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value.lower())
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError(f"expected a duration such as 30, \"90s\", \"5m\", \"5d\"; got {value!r}")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an integer or a string such as C{"10M"} or C{"512KiB"}."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    raise ValueError(f"expected a size in bytes such as 10485760 or \"10M\"; got {value!r}")
+
+
+def parse_host_port(value: str, default_port: int) -> tuple[str, int, bool]:
+    """Split C{host}, C{host:port}, C{[host]} or C{[host]:port}.
+
+    @return: (host, port, bracketed); brackets mean "no MX lookup", as in
+        Postfix transport(5), and also enclose IPv6 addresses.
+    """
+    text = value.strip()
+    if not text:
+        raise ValueError("empty host")
+    bracketed = text.startswith("[")
+    if bracketed:
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unbalanced '[' in {value!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if host.lower().startswith("ipv6:"):
+            host = host[5:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"unexpected text after ']' in {value!r}")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        raise ValueError(f"an IPv6 address must be written in brackets: {value!r}")
+    elif ":" in text:
+        host, port_text = text.rsplit(":", 1)
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"empty host in {value!r}")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"bad port in {value!r}")
+        port = int(port_text)
+    else:
+        port = default_port
+    return host, port, bracketed
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were used, so that
+    unknown keys can be reported with their full name."""
+
+    def __init__(self, path: str, where: str, data: Any) -> None:
+        self.path = path
+        self.where = where
+        if not isinstance(data, dict):
+            raise ConfigError(path, where, f"expected a table, got {type(data).__name__}")
+        self.data = data
+        self.used: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.path, f"{self.where} {key}".strip(), message)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                raise self.error(key, "is required")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(key, f"expected {_kind_name(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(key, f"expected {_kind_name(kinds)}, got {type(value).__name__} {value!r}")
+        return value
+
+    def convert(self, key: str, parser, default: Any) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        try:
+            return parser(self.data[key])
+        except (ValueError, TypeError) as exc:
+            raise self.error(key, str(exc)) from None
+
+    def positive_int(self, key: str, default: int) -> int:
+        value = self.get(key, int, default)
+        if value <= 0:
+            raise self.error(key, f"must be a positive integer, got {value}")
+        return value
+
+    def string_list(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(key, list, None)
+        if value is None:
+            return default
+        for item in value:
+            if not isinstance(item, str):
+                raise self.error(key, f"expected a list of strings, found {item!r}")
+        return tuple(value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _path(base: str, value: str) -> str:
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _domains(table: _Table, key: str) -> frozenset[str]:
+    out = set()
+    for item in table.string_list(key):
+        suffix = item.startswith(".")
+        try:
+            name = canonical_domain(item[1:] if suffix else item)
+        except ValueError as exc:
+            raise table.error(key, f"bad domain {item!r}: {exc}") from None
+        out.add("." + name if suffix else name)
+    return frozenset(out)
+
+
+def _networks(table: _Table, key: str) -> tuple[IPNetwork, ...]:
+    out = []
+    for item in table.string_list(key):
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise table.error(key, f"bad network {item!r}: {exc}") from None
+    return tuple(out)
+
+
+def _port(table: _Table, key: str, default: int | None, allow_zero: bool = False) -> int:
+    value = table.get(key, int, default, required=default is None)
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise table.error(key, f"port must be {low}..65535, got {value}")
+    return value
+
+
+def _bind_address(table: _Table, key: str) -> str:
+    value = table.get(key, str, "127.0.0.1")
+    if value in ("", "*"):
+        return "0.0.0.0"
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise table.error(key, f"not an IP address: {value!r}") from None
+
+
+def _server(path: str, raw: Any) -> ServerConfig:
+    t = _Table(path, "[server]", raw)
+    hostname = t.get("hostname", str, None) or socket.getfqdn()
+    try:
+        canonical_domain(hostname)
+    except ValueError as exc:
+        raise t.error("hostname", f"bad host name {hostname!r}: {exc}") from None
+    cfg = ServerConfig(
+        hostname=hostname,
+        local_domains=_domains(t, "local_domains"),
+        relay_domains=_domains(t, "relay_domains"),
+        trusted_networks=_networks(t, "trusted_networks"),
+        max_message_size=t.convert("max_message_size", parse_size, ServerConfig.max_message_size),
+        max_recipients=t.positive_int("max_recipients", ServerConfig.max_recipients),
+        max_received_headers=t.positive_int("max_received_headers", ServerConfig.max_received_headers),
+        plugin_dirs=tuple(_path(os.getcwd(), d) for d in t.string_list("plugin_dirs")),
+        soft_bounce=t.get("soft_bounce", bool, False),
+    )
+    for directory in cfg.plugin_dirs:
+        if not os.path.isdir(directory):
+            raise t.error("plugin_dirs", f"not a directory: {directory}")
+    t.finish()
+    return cfg
+
+
+def _listener(path: str, index: int, raw: Any) -> ListenerConfig:
+    t = _Table(path, f"[[listener]] #{index + 1}", raw)
+    name = t.get("name", str, required=True)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise t.error("name", f"use letters, digits, '.', '_' or '-': {name!r}")
+    t.where = f"[[listener]] {name!r}"
+    tls = t.get("tls", str, "none")
+    if tls not in TLS_MODES:
+        raise t.error("tls", f"must be one of {', '.join(TLS_MODES)}; got {tls!r}")
+    auth = t.get("auth", bool, False)
+    cfg = ListenerConfig(
+        name=name,
+        address=_bind_address(t, "address"),
+        port=_port(t, "port", None, allow_zero=True),
+        tls=tls,
+        auth=auth,
+        submission=t.get("submission", bool, auth),
+        plugins=t.string_list("plugins", ("relay_guard",)),
+    )
+    if len(set(cfg.plugins)) != len(cfg.plugins):
+        raise t.error("plugins", "a plugin is named twice")
+    if "relay_guard" not in cfg.plugins:
+        raise t.error("plugins", "must include \"relay_guard\" (the open-relay guard)")
+    t.finish()
+    return cfg
+
+
+def _routes(path: str, raw: Any, default_port: int) -> dict[str, NextHop]:
+    t = _Table(path, "[routes]", raw)
+    routes = {}
+    for key in list(raw):
+        value = t.get(key, str, required=True)
+        suffix = key.startswith(".")
+        try:
+            domain = canonical_domain(key[1:] if suffix else key)
+            host, port, bracketed = parse_host_port(value, default_port)
+        except ValueError as exc:
+            raise t.error(repr(key), str(exc)) from None
+        routes["." + domain if suffix else domain] = NextHop(host, port, not bracketed and not _is_ip(host))
+    return routes
+
+
+def load_config(path: str) -> GatewayConfig:
+    """Read and validate C{path}.
+
+    @raise ConfigError: with the one line that names file and key.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(path, "file", "not found") from None
+    except OSError as exc:
+        raise ConfigError(path, "file", exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "syntax", str(exc)) from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
+    """Validate an already parsed TOML document (see L{load_config})."""
+    top = _Table(path, "", raw)
+    base = os.getcwd()
+    server = _server(path, top.get("server", dict, {}))
+
+    listeners_raw = top.get("listener", list, None)
+    if not listeners_raw:
+        raise ConfigError(path, "[[listener]]", "at least one listener is required")
+    listeners = tuple(_listener(path, i, item) for i, item in enumerate(listeners_raw))
+    seen: dict[str, int] = {}
+    for listener in listeners:
+        if listener.name in seen:
+            raise ConfigError(path, f"[[listener]] {listener.name!r} name", "used twice")
+        seen[listener.name] = 1
+
+    t = _Table(path, "[tls]", top.get("tls", dict, {}))
+    tls = TLSConfig(
+        cert=_path(base, t.get("cert", str, "var/tls/cert.pem")),
+        key=_path(base, t.get("key", str, "var/tls/key.pem")),
+    )
+    t.finish()
+
+    t = _Table(path, "[queue]", top.get("queue", dict, {}))
+    queue = QueueConfig(path=_path(base, t.get("path", str, "var/spool")))
+    t.finish()
+
+    t = _Table(path, "[dns]", top.get("dns", dict, {}))
+    servers = []
+    for item in t.string_list("servers"):
+        try:
+            host, port, _ = parse_host_port(item, 53)
+        except ValueError as exc:
+            raise t.error("servers", str(exc)) from None
+        if not _is_ip(host):
+            raise t.error("servers", f"a DNS server must be an IP address: {item!r}")
+        servers.append((host, port))
+    dns = DNSConfig(servers=tuple(servers), timeout=t.convert("timeout", parse_duration, DNSConfig.timeout))
+    t.finish()
+
+    t = _Table(path, "[relay]", top.get("relay", dict, {}))
+    relay_port = _port(t, "port", 25)
+    ca_file = t.get("ca_file", str, None)
+    if ca_file:
+        ca_file = _path(base, ca_file)
+        if not os.path.isfile(ca_file):
+            raise t.error("ca_file", f"no such file: {ca_file}")
+    smarthost = None
+    smarthost_text = t.get("smarthost", str, "")
+    if smarthost_text:
+        try:
+            host, port, bracketed = parse_host_port(smarthost_text, relay_port)
+        except ValueError as exc:
+            raise t.error("smarthost", str(exc)) from None
+        smarthost = NextHop(host, port, not bracketed and not _is_ip(host))
+    relay = RelayConfig(port=relay_port, ca_file=ca_file or None, smarthost=smarthost)
+    t.finish()
+
+    routes = _routes(path, top.get("routes", dict, {}), relay_port)
+
+    t = _Table(path, "[auth]", top.get("auth", dict, {}))
+    users_file = t.get("users_file", str, None)
+    auth = AuthConfig(users_file=_path(base, users_file) if users_file else None)
+    t.finish()
+
+    t = _Table(path, "[limits]", top.get("limits", dict, {}))
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        max_command_line=t.positive_int("max_command_line", d.max_command_line),
+        max_text_line=t.positive_int("max_text_line", d.max_text_line),
+        max_header_size=t.convert("max_header_size", parse_size, d.max_header_size),
+        max_bad_commands=t.positive_int("max_bad_commands", d.max_bad_commands),
+        command_timeout=t.convert("command_timeout", parse_duration, d.command_timeout),
+        data_timeout=t.convert("data_timeout", parse_duration, d.data_timeout),
+        max_connections=t.positive_int("max_connections", d.max_connections),
+        max_connections_per_ip=t.positive_int("max_connections_per_ip", d.max_connections_per_ip),
+        plugin_timeout=t.convert("plugin_timeout", parse_duration, d.plugin_timeout),
+        input_buffer=t.convert("input_buffer", parse_size, d.input_buffer),
+    )
+    if limits.max_command_line < 512:
+        raise t.error("max_command_line", "RFC 5321 §4.5.3.1.4 requires at least 512")
+    if limits.max_text_line < 1000:
+        raise t.error("max_text_line", "RFC 5321 §4.5.3.1.6 requires at least 1000")
+    t.finish()
+
+    plugin_tables = top.get("plugins", dict, {})
+    for name, table in plugin_tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(path, f"[plugins.{name}]", "expected a table")
+
+    for listener in listeners:
+        if listener.auth and listener.tls == "none":
+            raise ConfigError(path, f"[[listener]] {listener.name!r} auth",
+                              "AUTH is offered only over TLS: set tls to starttls, starttls-required or implicit")
+    top.finish()
+    return GatewayConfig(
+        path=path, server=server, listeners=listeners, tls=tls, queue=queue, dns=dns,
+        relay=relay, routes=routes, auth=auth, limits=limits, plugin_tables=plugin_tables,
+    )

@@ -1,0 +1,189 @@
+"""Assembles the running gateway: spool, plugins, TLS and listeners.
+
+Everything that can fail because of the configuration is done in
+L{prepare} (called by C{makeService}, before twistd daemonises), so an
+admin sees one line naming file and key instead of a traceback in a log.
+L{GatewayService} then only listens and stops.
+
+See also: twisted.mail.tap (minus its side effects); Postfix master(8).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task, threads
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from gateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
+from gateway.pipeline import Pipeline
+from gateway.queue import Spool
+from gateway.registry import PluginRegistry
+from gateway.server import ConnectionLimiter, GatewaySMTPFactory
+from gateway.tls import ensure_certificate, server_context_factory
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; C{str()} is the one line for the admin."""
+
+
+def make_resolver(config: GatewayConfig, reactor: Any) -> Any:
+    """A twisted.names resolver for C{[dns]}: its servers, else the system's."""
+    from twisted.names import client
+
+    timeout = (config.dns.timeout,)
+    if config.dns.servers:
+        return client.Resolver(servers=list(config.dns.servers), reactor=reactor, timeout=timeout)
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor, timeout=timeout)
+
+
+@dataclass
+class Gateway:
+    """The validated, built parts of one configuration."""
+
+    config: GatewayConfig
+    spool: Spool
+    registry: PluginRegistry
+    pipelines: dict[str, Pipeline]
+    tls_context: Any
+    resolver: Any
+    recovered: dict[str, int] = field(default_factory=dict)
+
+
+def _check_port_free(config: GatewayConfig, listener: ListenerConfig) -> None:
+    if listener.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((listener.address, listener.port))
+    except OSError as exc:
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ConfigError(config.path, f"[[listener]] {listener.name!r} port",
+                          f"cannot listen on {listener.address}:{listener.port}: {reason}") from None
+    finally:
+        probe.close()
+
+
+def prepare(config_path: str, reactor: Any) -> Gateway:
+    """Load and validate everything; raise L{ConfigError} or L{StartupError}."""
+    config = load_config(config_path)
+    registry = PluginRegistry(config)
+    tls_context = None
+    if any(l.tls != "none" for l in config.listeners):
+        try:
+            ensure_certificate(config.tls.cert, config.tls.key, config.server.hostname)
+        except OSError as exc:
+            raise ConfigError(config.path, "[tls] cert", f"cannot create a self-signed certificate: {exc}") from None
+        try:
+            tls_context = server_context_factory(config.tls.cert, config.tls.key)
+        except ValueError as exc:
+            raise ConfigError(config.path, "[tls] cert", str(exc)) from None
+    run_in_thread = functools.partial(threads.deferToThreadPool, reactor, reactor.getThreadPool())
+    try:
+        spool = Spool(config.queue.path, run_in_thread=run_in_thread, clock=reactor)
+        recovered = spool.recover()
+    except OSError as exc:
+        raise ConfigError(config.path, "[queue] path", f"spool unusable: {exc}") from None
+    for listener in config.listeners:
+        _check_port_free(config, listener)
+    resolver = make_resolver(config, reactor)
+    built: dict[str, Any] = {}
+    pipelines = {
+        listener.name: registry.build_pipeline(listener, reactor, resolver, run_in_thread, built)
+        for listener in config.listeners
+    }
+    return Gateway(config, spool, registry, pipelines, tls_context, resolver, recovered)
+
+
+class GatewayService(service.MultiService):
+    """Listens on every configured listener; stops cleanly on SIGTERM.
+
+    @ivar ports: listener name -> the listening port (for tests: the bound
+        port number when the config asked for port 0).
+    """
+
+    log = Logger()
+
+    def __init__(self, gateway: Gateway, reactor: Any) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.reactor = reactor
+        config = gateway.config
+        self.limiter = ConnectionLimiter(config.limits.max_connections,
+                                         config.limits.max_connections_per_ip)
+        self.factories = {
+            listener.name: GatewaySMTPFactory(
+                listener, config, gateway.pipelines[listener.name], gateway.spool, reactor,
+                self.limiter, gateway.tls_context, on_queued=self.message_queued)
+            for listener in config.listeners
+        }
+        self.ports: dict[str, Any] = {}
+        self.queued_observers: list[Any] = []
+
+    def message_queued(self, queue_id: str) -> None:
+        """Called by the listeners after each commit."""
+        for observer in self.queued_observers:
+            observer(queue_id)
+
+    def privilegedStartService(self) -> None:
+        config = self.gateway.config
+        for listener in config.listeners:
+            factory = self.factories[listener.name]
+            try:
+                if listener.tls == "implicit":
+                    port = self.reactor.listenSSL(listener.port, factory, self.gateway.tls_context,
+                                                  interface=listener.address)
+                else:
+                    port = self.reactor.listenTCP(listener.port, factory, interface=listener.address)
+            except CannotListenError as exc:
+                for other in self.ports.values():
+                    other.stopListening()
+                raise SystemExit(
+                    f"mailgateway: {config.path}: [[listener]] {listener.name!r} port: "
+                    f"cannot listen on {listener.address}:{listener.port}: {exc.socketError}")
+            self.ports[listener.name] = port
+            bound = port.getHost()
+            self.log.info("listener {listener} on {address}:{port} tls={tls} plugins={plugins}",
+                          listener=listener.name, address=bound.host, port=bound.port,
+                          tls=listener.tls, plugins=",".join(listener.plugins))
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if not self.ports:
+            self.privilegedStartService()
+        recovered = self.gateway.recovered
+        self.log.info("mailgateway started: spool {path} ({recovered})",
+                      path=self.gateway.config.queue.path,
+                      recovered=", ".join(f"{k}={v}" for k, v in sorted(recovered.items())) or "clean")
+        super().startService()
+
+    def port_of(self, name: str) -> int:
+        """The TCP port a listener is bound to."""
+        return self.ports[name].getHost().port
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stop listening, say goodbye to idle clients, let commits finish."""
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports.values()])
+        self.ports.clear()
+        protocols = [p for f in self.factories.values() for p in f.open_connections]
+        for protocol in protocols:
+            protocol.shutdown()
+        # Commits in flight finish and are answered before the reactor stops.
+        for _ in range(200):
+            if not any(p.busy for p in protocols):
+                break
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        for protocol in protocols:
+            protocol.shutdown()
+        yield defer.maybeDeferred(super().stopService)
+        self.log.info("mailgateway stopped")

@@ -1,0 +1,127 @@
+"""Server TLS: contexts from PEM files, and a self-signed pair on first start.
+
+The sample config must run without a manual certificate step, so when the
+configured certificate or key is missing a self-signed pair for the
+server's host name is made (and a warning logged): good enough for
+opportunistic STARTTLS between MTAs (RFC 7435), never for submission
+clients that verify.  Contexts allow TLS 1.2 and later only.
+
+Standards: RFC 8314 (implicit TLS), RFC 3207 (STARTTLS), RFC 8996 (no
+TLS 1.0/1.1), RFC 7525.
+See also: twisted.internet.ssl.CertificateOptions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+from gateway.session import TLSInfo
+
+log = Logger()
+
+
+def ensure_certificate(cert_path: str, key_path: str, hostname: str) -> bool:
+    """Create a self-signed certificate and key when either file is missing.
+
+    Blocking (key generation); called once at start-up, before listening.
+
+    @return: True when a new pair was written.
+    """
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return False
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    for path in (cert_path, key_path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    key_bytes = key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key_bytes)
+    with open(cert_path, "wb") as handle:
+        handle.write(cert.public_bytes(serialization.Encoding.PEM))
+    log.warn("no certificate at {cert}: made a self-signed one for {hostname} "
+             "(fine for opportunistic STARTTLS; configure [tls] cert/key for submission)",
+             cert=cert_path, hostname=hostname)
+    return True
+
+
+def _split_pem(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    parts = []
+    for chunk in data.split(marker):
+        start = chunk.find(b"-----BEGIN CERTIFICATE-----")
+        if start >= 0:
+            parts.append(chunk[start:] + marker + b"\n")
+    return parts
+
+
+def server_context_factory(cert_path: str, key_path: str) -> ssl.CertificateOptions:
+    """A server context for the PEM certificate (leaf first, then its chain)
+    and key; TLS 1.2 or later.
+
+    @raise ValueError: with a readable reason when the files do not load.
+    """
+    from OpenSSL import crypto
+
+    try:
+        with open(cert_path, "rb") as handle:
+            cert_data = handle.read()
+        with open(key_path, "rb") as handle:
+            key_data = handle.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    certs = _split_pem(cert_data)
+    if not certs:
+        raise ValueError(f"no PEM certificate in {cert_path}")
+    try:
+        leaf = crypto.load_certificate(crypto.FILETYPE_PEM, certs[0])
+        chain = [crypto.load_certificate(crypto.FILETYPE_PEM, c) for c in certs[1:]]
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_data)
+    except crypto.Error as exc:
+        raise ValueError(f"cannot load certificate or key: {exc}") from None
+    try:
+        return ssl.CertificateOptions(
+            privateKey=key, certificate=leaf, extraCertChain=chain,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+    except Exception as exc:
+        raise ValueError(f"certificate and key do not match or are unusable: {exc}") from None
+
+
+def tls_info(transport: object) -> TLSInfo | None:
+    """What a finished handshake negotiated, or None when not on TLS."""
+    handle = getattr(transport, "getHandle", None)
+    if handle is None:
+        return None
+    try:
+        connection = handle()
+        version = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+    except Exception:
+        return None
+    if not version or version == "Unknown" or cipher is None:
+        return None
+    return TLSInfo(version=version, cipher=cipher)

@@ -387,14 +387,15 @@ def _server(path: str, raw: Any) -> ServerConfig:
         canonical_domain(hostname)
     except ValueError as exc:
         raise t.error("hostname", f"bad host name {hostname!r}: {exc}") from None
+    d = ServerConfig(hostname=hostname)
     cfg = ServerConfig(
         hostname=hostname,
         local_domains=_domains(t, "local_domains"),
         relay_domains=_domains(t, "relay_domains"),
         trusted_networks=_networks(t, "trusted_networks"),
-        max_message_size=t.convert("max_message_size", parse_size, ServerConfig.max_message_size),
-        max_recipients=t.positive_int("max_recipients", ServerConfig.max_recipients),
-        max_received_headers=t.positive_int("max_received_headers", ServerConfig.max_received_headers),
+        max_message_size=t.convert("max_message_size", parse_size, d.max_message_size),
+        max_recipients=t.positive_int("max_recipients", d.max_recipients),
+        max_received_headers=t.positive_int("max_received_headers", d.max_received_headers),
         plugin_dirs=tuple(_path(os.getcwd(), d) for d in t.string_list("plugin_dirs")),
         soft_bounce=t.get("soft_bounce", bool, False),
     )
@@ -501,7 +502,7 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         if not _is_ip(host):
             raise t.error("servers", f"a DNS server must be an IP address: {item!r}")
         servers.append((host, port))
-    dns = DNSConfig(servers=tuple(servers), timeout=t.convert("timeout", parse_duration, DNSConfig.timeout))
+    dns = DNSConfig(servers=tuple(servers), timeout=t.convert("timeout", parse_duration, DNSConfig().timeout))
     t.finish()
 
     t = _Table(path, "[relay]", top.get("relay", dict, {}))

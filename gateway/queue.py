@@ -15,10 +15,12 @@ within one file system::
     hold/       <id>.env quarantined by an admin or a plugin; no retries
     corrupt/    whatever failed to parse or lost its other half
 
-Commits are batched (group commit): while one batch is being made durable in
-a thread, new commits queue up and go together in the next batch, which
-costs one fsync of C{data/} and one of C{incoming/} however many messages it
-holds.  Under concurrency that is where the throughput comes from.
+A commit runs in threads in two steps.  Each message's own files are
+fsync'ed in C{tmp/} in parallel with other messages (concurrent fsyncs share
+journal commits).  Then the renames into C{data/} and C{incoming/} and the two
+directory fsyncs are done for a whole batch at once (group commit): messages
+staged while one batch runs go together in the next, so the directory
+fsyncs are paid once per batch, however many messages it holds.
 
 Standards:
     RFC 5321 section 4.5.4 and 6.1 (a 250 after DATA is a promise to
@@ -190,13 +192,17 @@ class MessageWriter:
 @dataclass
 class _CommitJob:
     """
-    What the batch thread needs for one message; nothing the reactor
-    thread will touch while the thread runs.
+    What the threads need for one message; the reactor thread does not
+    touch it while a thread has it.
+
+    @ivar discarded: Set by the thread that removed the message's files
+        after a failure, so that the reactor does not do it again.
     """
 
     queue_id: str
     file: IO[bytes]
     envelope_bytes: bytes
+    discarded: bool = False
 
 
 @dataclass
@@ -240,8 +246,9 @@ class Spool:
         self.path = os.fspath(path)
         self._run_in_thread = run_in_thread
         self._clock = clock
-        self._pending: list[_PendingCommit] = []
+        self._staged: list[_PendingCommit] = []
         self._batch_running = False
+        self._in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._tmp_names = itertools.count()
         try:
@@ -287,13 +294,22 @@ class Spool:
 
         When the Deferred fires with the queue id, C{data/<id>.eml} and
         C{incoming/<id>.env} are fsync'ed, and so are both directories, so
-        the 250 may be sent.  The envelope is serialised now, on the calling
-        thread (the caller may change its object afterwards), with
-        C{size} set to C{writer.size}.
+        the 250 may be sent; neither file is in place before the final
+        batch step.  The envelope is serialised now, on the calling thread
+        (the caller may change its object afterwards), with C{size} set to
+        C{writer.size}.
 
-        Commits that arrive while a batch is in the thread wait for the next
-        batch, which then makes all of them durable with one fsync per
-        directory.
+        The work has two steps, both through C{run_in_thread}:
+          1. I{stage}, one thread call per message, run in parallel: flush
+             and fsync C{tmp/<id>.eml}, write and fsync C{tmp/<id>.env}.
+             Concurrent fsyncs are what file systems batch well (ext4
+             joins them into one journal commit).
+          2. I{batch}, one call at a time for every message staged so far
+             (group commit): rename the contents into C{data/}, fsync
+             C{data/}, rename the envelopes into C{incoming/}, fsync
+             C{incoming/}.  Messages staged while a batch runs go together
+             in the next one, so the directory fsyncs are paid once per
+             batch, not once per message.
 
         @param writer: From L{open_message}; it belongs to the spool now.
         @param envelope: Its C{queue_id} must be C{writer.queue_id}.
@@ -318,37 +334,52 @@ class Spool:
             return fail()
         job = _CommitJob(writer.queue_id, writer._take_for_commit(), envelope_bytes)
         pending = _PendingCommit(job, Deferred())
-        self._pending.append(pending)
-        if not self._batch_running:
-            self._start_batch()
+        self._in_flight += 1
+        self._call_in_thread(self._stage, job).addCallbacks(
+            self._cb_staged,
+            self._eb_staged,
+            callbackArgs=(pending,),
+            errbackArgs=(pending,),
+        )
         return pending.deferred
 
     def drain(self) -> Deferred[None]:
         """
-        Wait until no commit is pending or running.
+        Wait until no commit is in progress.
 
-        For C{stopService}: the reactor should not stop while a batch is
-        half done in its thread, because the clients would not get their
+        For C{stopService}: the reactor should not stop while a commit is
+        half done in a thread, because the clients would not get their
         250 and would send the messages again.
 
         @return: A Deferred that fires with L{None} once idle.
         """
         d: Deferred[None] = Deferred()
-        if not self._batch_running and not self._pending:
-            d.callback(None)
-        else:
-            self._idle_waiters.append(d)
+        self._idle_waiters.append(d)
+        self._notify_if_idle()
         return d
 
+    def _call_in_thread(self, f: Callable[..., object], *args: object) -> Deferred:
+        try:
+            return self._run_in_thread(f, *args)
+        except Exception:
+            return fail()
+
+    def _cb_staged(self, _: object, pending: _PendingCommit) -> None:
+        self._staged.append(pending)
+        if not self._batch_running:
+            self._start_batch()
+
+    def _eb_staged(self, failure: Failure, pending: _PendingCommit) -> None:
+        if not pending.job.discarded:
+            # The thread runner failed before _stage could clean up.
+            self._close_and_discard(pending.job)
+        self._finish(pending, failure)
+
     def _start_batch(self) -> None:
-        batch, self._pending = self._pending, []
+        batch, self._staged = self._staged, []
         self._batch_running = True
         jobs = [p.job for p in batch]
-        try:
-            d = self._run_in_thread(self._commit_batch, jobs)
-        except Exception:
-            d = fail()
-        d.addBoth(self._batch_done, batch)
+        self._call_in_thread(self._commit_batch, jobs).addBoth(self._batch_done, batch)
 
     def _batch_done(
         self, result: list[BaseException | None] | Failure, batch: list[_PendingCommit]
@@ -358,75 +389,116 @@ class Spool:
             # this thread rather than leave half-committed files.
             self.log.failure("Commit batch failed", result)
             for pending in batch:
-                self._discard_files(pending.job.queue_id)
-                try:
-                    pending.job.file.close()
-                except OSError:
-                    pass
+                self._close_and_discard(pending.job)
             errors: list[BaseException | None] = [result.value] * len(batch)
         else:
             errors = result
-        # Fire while still marked running: commits made from these
+        # Fire while still marked running: messages staged from these
         # callbacks join the next batch instead of starting one each.
         for pending, error in zip(batch, errors):
-            queue_id = pending.job.queue_id
-            if error is None:
-                pending.deferred.callback(queue_id)
-            else:
-                self.log.error(
-                    "Commit of {queue_id} failed: {reason}",
-                    queue_id=queue_id,
-                    reason=str(error),
-                )
-                pending.deferred.errback(Failure(error))
+            self._finish(pending, pending.job.queue_id if error is None else Failure(error))
         self._batch_running = False
-        if self._pending:
+        if self._staged:
             self._start_batch()
+        self._notify_if_idle()
+
+    def _finish(self, pending: _PendingCommit, result: str | Failure) -> None:
+        self._in_flight -= 1
+        if isinstance(result, Failure):
+            self.log.error(
+                "Commit of {queue_id} failed: {reason}",
+                queue_id=pending.job.queue_id,
+                reason=str(result.value),
+            )
+            pending.deferred.errback(result)
         else:
+            pending.deferred.callback(result)
+        self._notify_if_idle()
+
+    def _notify_if_idle(self) -> None:
+        if self._in_flight == 0 and not self._batch_running:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
 
+    def _close_and_discard(self, job: _CommitJob) -> None:
+        try:
+            job.file.close()
+        except OSError:
+            pass
+        self._discard_files(job.queue_id)
+        job.discarded = True
+
+    def _stage(self, job: _CommitJob) -> None:
+        """
+        Make the content and the envelope durable in C{tmp/}; runs in a
+        thread, in parallel with other messages.
+
+        @raise QueueError: After removing the message's files.
+        """
+        try:
+            try:
+                job.file.flush()
+                os.fsync(job.file.fileno())
+            finally:
+                job.file.close()
+            fd = os.open(
+                self._tmp_file(job.queue_id + _ENVELOPE_SUFFIX),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                0o600,
+            )
+            try:
+                _write_all(fd, job.envelope_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            self._discard_files(job.queue_id)
+            job.discarded = True
+            if isinstance(e, OSError):
+                raise _queue_error("commit", job.queue_id, e) from e
+            raise
+
     def _commit_batch(self, jobs: list[_CommitJob]) -> list[BaseException | None]:
         """
-        Make a batch durable; runs in a thread.
+        Move a batch of staged messages into the queue; runs in a thread,
+        one batch at a time.
 
-        The order differs from one message at a time in one respect: all
-        contents are renamed into C{data/} and that directory is fsync'ed
-        before any envelope enters C{incoming/}.  So even a crash in the
-        middle never leaves an envelope whose content could vanish, and the
-        batch still costs two directory fsyncs.
+        All contents enter C{data/} and that directory is fsync'ed before
+        any envelope enters C{incoming/}, so even a crash in the middle
+        never leaves an envelope whose content could vanish.
 
         @return: Per job, L{None} on success or the exception; a failed job
             has had its files removed.
         """
         errors: list[BaseException | None] = [None] * len(jobs)
 
-        def fail_job(index: int, action: str, error: Exception) -> None:
+        def fail_job(index: int, error: OSError) -> None:
             queue_id = jobs[index].queue_id
-            if isinstance(error, OSError):
-                error = _queue_error(action, queue_id, error)
-            errors[index] = error
+            errors[index] = _queue_error("commit", queue_id, error)
             self._discard_files(queue_id)
+            jobs[index].discarded = True
 
-        staged = []
+        moved = []
         for index, job in enumerate(jobs):
             try:
-                self._stage(job)
-            except Exception as e:
-                fail_job(index, "commit", e)
+                os.rename(
+                    self._tmp_file(job.queue_id + _DATA_SUFFIX), self._data_file(job.queue_id)
+                )
+            except OSError as e:
+                fail_job(index, e)
             else:
-                staged.append(index)
-        if not staged:
+                moved.append(index)
+        if not moved:
             return errors
         try:
             self._sync_directory("data")
         except OSError as e:
-            for index in staged:
-                fail_job(index, "commit", e)
+            for index in moved:
+                fail_job(index, e)
             return errors
         queued = []
-        for index in staged:
+        for index in moved:
             queue_id = jobs[index].queue_id
             try:
                 os.rename(
@@ -434,7 +506,7 @@ class Spool:
                     self._envelope_file("incoming", queue_id),
                 )
             except OSError as e:
-                fail_job(index, "commit", e)
+                fail_job(index, e)
             else:
                 queued.append(index)
         if queued:
@@ -442,29 +514,8 @@ class Spool:
                 self._sync_directory("incoming")
             except OSError as e:
                 for index in queued:
-                    fail_job(index, "commit", e)
+                    fail_job(index, e)
         return errors
-
-    def _stage(self, job: _CommitJob) -> None:
-        """
-        Content durable in C{data/}, envelope durable in C{tmp/}.
-        """
-        try:
-            job.file.flush()
-            os.fsync(job.file.fileno())
-        finally:
-            job.file.close()
-        os.rename(self._tmp_file(job.queue_id + _DATA_SUFFIX), self._data_file(job.queue_id))
-        fd = os.open(
-            self._tmp_file(job.queue_id + _ENVELOPE_SUFFIX),
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-            0o600,
-        )
-        try:
-            _write_all(fd, job.envelope_bytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _discard_files(self, queue_id: str) -> None:
         """

@@ -50,28 +50,49 @@ def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
 
 class ManualRunner:
     """
-    A C{run_in_thread} that holds each call until the test runs it, so a
-    test can look at the spool while a batch is "in the thread".
+    A C{run_in_thread} that holds calls until the test runs them, so a test
+    can look at the spool while work is "in the thread".
+
+    The spool makes two kinds of calls: C{_stage} (one per message) and
+    C{_commit_batch} (one per group commit).  With C{hold_stages=False}
+    stages run at once and only batches are held.
     """
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+    def __init__(self, hold_stages: bool = True) -> None:
+        self.hold_stages = hold_stages
+        self.held: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self.batch_sizes: list[int] = []
 
     def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if f.__name__ == "_commit_batch":
+            self.batch_sizes.append(len(args[0]))
+        elif not self.hold_stages:
+            return maybeDeferred(f, *args)
         d: Deferred[Any] = Deferred()
-        self.calls.append((f, args, d))
-        self.batch_sizes.append(len(args[0]))
+        self.held.append((f, args, d))
         return d
 
-    def run_next(self) -> None:
-        f, args, d = self.calls.pop(0)
+    def _run(self, index: int) -> None:
+        f, args, d = self.held.pop(index)
         try:
             result = f(*args)
         except BaseException:
             d.errback()
         else:
             d.callback(result)
+
+    def run_stages(self) -> None:
+        """
+        Run the held stage calls, in order.
+        """
+        while any(f.__name__ == "_stage" for f, _, _ in self.held):
+            self._run(next(i for i, (f, _, _) in enumerate(self.held) if f.__name__ == "_stage"))
+
+    def run_batch(self) -> None:
+        """
+        Run the oldest held batch.
+        """
+        self._run(next(i for i, (f, _, _) in enumerate(self.held) if f.__name__ == "_commit_batch"))
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -345,9 +366,10 @@ def test_flush_past_file_size_limit_fails_commit(tmp_path: Path) -> None:
 
 def test_commit_files_appear_only_when_the_deferred_fires(tmp_path: Path) -> None:
     """
-    Until the batch has run, nothing is in data/ or incoming/ and the
-    Deferred has not fired; when it fires, both files are there, the content
-    intact and the envelope loadable with the size filled in.
+    Until the batch has run (even after the message's own fsyncs), nothing
+    is in data/ or incoming/ and the Deferred has not fired; when it fires,
+    both files are there, the content intact and the envelope loadable with
+    the size filled in.
     """
     runner = ManualRunner()
     spool = make_spool(tmp_path / "spool", runner)
@@ -355,7 +377,11 @@ def test_commit_files_appear_only_when_the_deferred_fires(tmp_path: Path) -> Non
     d = spool.commit(writer, make_envelope(writer.queue_id))
     assert not has_result(d)
     assert files(spool, "data") == [] and files(spool, "incoming") == []
-    runner.run_next()
+    runner.run_stages()
+    assert not has_result(d)
+    assert files(spool, "data") == [] and files(spool, "incoming") == []
+    assert files(spool, "tmp") == [writer.queue_id + ".env", writer.queue_id + ".eml"][::-1]
+    runner.run_batch()
     queue_id = result_of(d)
     assert queue_id == writer.queue_id
     assert files(spool, "data") == [queue_id + ".eml"]
@@ -378,7 +404,8 @@ def test_commit_serialises_the_envelope_when_called(tmp_path: Path) -> None:
     envelope = make_envelope(writer.queue_id)
     d = spool.commit(writer, envelope)
     envelope.sender = "mallory@example.test"
-    runner.run_next()
+    runner.run_stages()
+    runner.run_batch()
     assert spool.load(result_of(d))[1].sender == "alice@example.test"
 
 
@@ -431,13 +458,15 @@ def test_commits_during_a_batch_are_grouped(tmp_path: Path, fsync_calls: list[st
     spool = make_spool(tmp_path / "spool", runner)
     first = receive(spool)
     ds = [spool.commit(first, make_envelope(first.queue_id))]
+    runner.run_stages()
     for _ in range(20):
         writer = receive(spool)
         ds.append(spool.commit(writer, make_envelope(writer.queue_id)))
+    runner.run_stages()
     assert runner.batch_sizes == [1]
-    runner.run_next()
+    runner.run_batch()
     assert runner.batch_sizes == [1, 20]
-    runner.run_next()
+    runner.run_batch()
     assert len({result_of(d) for d in ds}) == 21
     assert len(runner.batch_sizes) < 21
     spool_path = os.path.realpath(spool.path)
@@ -454,7 +483,8 @@ def test_commits_during_a_batch_are_grouped_with_real_threads(
 ) -> Any:
     """
     With real threads, while the first batch is blocked in its thread,
-    twenty more commits are collected and made durable by one more batch.
+    twenty more commits do their own fsyncs in parallel and are then made
+    durable together by one more batch.
     """
     from twisted.internet import reactor
 
@@ -471,14 +501,30 @@ def test_commits_during_a_batch_are_grouped_with_real_threads(
             release.wait(10)
         return real_batch(jobs)
 
+    # Count messages whose own fsyncs are done, so that the first batch is
+    # released only when all twenty wait for the next one.
+    real_staged = spool._cb_staged
+    staged_count = [0]
+    all_staged: Deferred[None] = Deferred()
+
+    def counting_staged(result: object, pending: Any) -> None:
+        real_staged(result, pending)
+        staged_count[0] += 1
+        if staged_count[0] == 21:
+            all_staged.callback(None)
+
     monkeypatch.setattr(spool, "_commit_batch", counting_batch)
+    monkeypatch.setattr(spool, "_cb_staged", counting_staged)
     first = receive(spool)
     ds = [spool.commit(first, make_envelope(first.queue_id))]
     yield deferToThread(in_first_batch.wait, 10).addTimeout(10, reactor)
     for _ in range(20):
         writer = receive(spool)
         ds.append(spool.commit(writer, make_envelope(writer.queue_id)))
-    release.set()
+    try:
+        yield all_staged.addTimeout(10, reactor)
+    finally:
+        release.set()
     ids = yield gatherResults(ds).addTimeout(10, reactor)
     assert batch_sizes == [1, 20]
     assert len(batch_sizes) < len(ds)
@@ -538,9 +584,10 @@ def test_one_failure_leaves_the_rest_of_the_batch_alone(tmp_path: Path) -> None:
     spool = make_spool(tmp_path / "spool", runner)
     writers = [receive(spool) for _ in range(4)]
     ds = [spool.commit(w, make_envelope(w.queue_id)) for w in writers]
-    runner.run_next()  # the first alone
     os.unlink(writers[2].path)  # lost before its batch runs
-    runner.run_next()  # the other three together
+    runner.run_stages()  # the first starts a batch, the others wait
+    runner.run_batch()
+    runner.run_batch()
     assert runner.batch_sizes == [1, 3]
     failure_of(ds[2], QueueError)
     good = sorted(result_of(d) for i, d in enumerate(ds) if i != 2)
@@ -607,10 +654,10 @@ def test_commit_checks_the_writer(spool: Spool) -> None:
 
 def test_commits_from_callbacks_join_the_next_batch(tmp_path: Path) -> None:
     """
-    A commit requested from a commit's callback waits for the next batch
-    instead of re-entering the running one.
+    Commits requested from a commit's callback wait for the next batch
+    (together) instead of re-entering the running one.
     """
-    runner = ManualRunner()
+    runner = ManualRunner(hold_stages=False)
     spool = make_spool(tmp_path / "spool", runner)
     later = [receive(spool) for _ in range(2)]
     first = receive(spool)
@@ -622,9 +669,9 @@ def test_commits_from_callbacks_join_the_next_batch(tmp_path: Path) -> None:
         return queue_id
 
     spool.commit(first, make_envelope(first.queue_id)).addCallback(commit_more)
-    runner.run_next()
+    runner.run_batch()
     assert runner.batch_sizes == [1, 2]
-    runner.run_next()
+    runner.run_batch()
     assert [result_of(d) for d in chained] == [w.queue_id for w in later]
 
 
@@ -640,9 +687,10 @@ def test_drain_waits_for_running_batches(tmp_path: Path) -> None:
     for w in writers:
         spool.commit(w, make_envelope(w.queue_id))
     drained = spool.drain()
-    runner.run_next()
+    runner.run_stages()
+    runner.run_batch()
     assert not has_result(drained)
-    runner.run_next()
+    runner.run_batch()
     assert result_of(drained) is None
 
 

@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import pwd
+import resource
 import shutil
 import signal
 import smtplib
@@ -175,6 +176,23 @@ def tree_cpu_seconds(root: int, multi: bool) -> float:
         if pid == root:
             total += st[3]
     return total / CLK_TCK
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all cpus, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice]
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / CLK_TCK
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process (the probe threads) and of its reaped
+    children (the smtp-source runs)."""
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 class RssSampler(threading.Thread):
@@ -693,6 +711,7 @@ def run_round(args: argparse.Namespace, peer_name: str, workdir: str) -> dict:
                 sampler.stop()
                 return result
         cpu0 = tree_cpu_seconds(peer.root_pid, peer.multi_process)
+        busy0, own0 = machine_cpu_seconds(), own_cpu_seconds()
         probe = Probe(peer.port, args.probe_threads, args.probe_max, args.size) if args.probe_threads else None
         if probe:
             probe.start()
@@ -700,6 +719,11 @@ def run_round(args: argparse.Namespace, peer_name: str, workdir: str) -> dict:
         if probe:
             probe.stop()
         cpu1 = tree_cpu_seconds(peer.root_pid, peer.multi_process)
+        busy1, own1 = machine_cpu_seconds(), own_cpu_seconds()
+        # CPU used by anything but the server, smtp-source and the probe:
+        # other work on a shared machine, which makes a round less reliable.
+        result["background_cores"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (own1 - own0)) / elapsed
+        result["bench_cores"] = (own1 - own0) / elapsed
         result.update(sampler.stop())
         time.sleep(0.3)
         result["stored_msgs"] = peer.stored()
@@ -822,6 +846,7 @@ def summarize(args: argparse.Namespace, rounds: list[dict]) -> dict:
             "peak_rss_mb_max": max(r["peak_rss_kb"] for r in rs) / 1024,
             "root_hwm_mb": med([r["root_hwm_kb"] / 1024 for r in rs]),
             "cpu_ms_per_msg": med([1000 * r["server_cpu_s"] / args.messages for r in rs]),
+            "background_cores": med([r.get("background_cores", 0) for r in rs]),
         }
         if name == "postfix":
             summary[name]["peak_pss_mb"] = med([r.get("peak_pss_kb", 0) / 1024 for r in rs])
@@ -845,17 +870,20 @@ def print_summary(args: argparse.Namespace, summary: dict) -> None:
     log("")
     log("== summary: medians of %d round(s); %d sessions x %d messages of %d bytes ==" % (
         args.rounds, args.sessions, args.messages, args.size))
-    log("%-9s %6s %10s %9s %9s %10s %10s %9s" % (
-        "peer", "rounds", "msgs/s", "p50 ms", "p99 ms", "peakRSS MB", "HWM MB", "cpu ms/msg"))
+    log("%-9s %6s %10s %9s %9s %10s %10s %10s %8s" % (
+        "peer", "rounds", "msgs/s", "p50 ms", "p99 ms", "peakRSS MB", "HWM MB", "cpu ms/msg", "bg cores"))
     for name in args.peer_list:
         s = summary[name]
         if not s.get("rounds_ok"):
             log("%-9s %6s  (no successful round)" % (name, 0))
             continue
-        log("%-9s %6d %10s %9s %9s %10s %10s %9s" % (
+        log("%-9s %6d %10s %9s %9s %10s %10s %10s %8s" % (
             name, s["rounds_ok"], fmt(s["msgs_per_s"]), fmt(s["p50_ms"], "%.2f"),
             fmt(s["p99_ms"], "%.2f"), fmt(s["peak_rss_mb"]), fmt(s["root_hwm_mb"]),
-            fmt(s["cpu_ms_per_msg"], "%.2f")))
+            fmt(s["cpu_ms_per_msg"], "%.2f"), fmt(s["background_cores"], "%.2f")))
+    log("(msgs/s = messages / smtp-source wall time; p50/p99 = latency probe; peak RSS = sum of")
+    log(" VmRSS over the server's processes; HWM = VmHWM of its main process; cpu = server CPU")
+    log(" per message; bg cores = CPU used meanwhile by other work on the machine)")
     if "postfix" in summary and summary["postfix"].get("rounds_ok"):
         s = summary["postfix"]
         log("postfix peak RSS is the sum over all processes of the instance (master, smtpd x N,")
@@ -872,10 +900,11 @@ def print_round(r: dict, messages: int) -> None:
             log("    log tail:\n      " + r["log_tail"].replace("\n", "\n      "))
         return
     log("  %-9s %8.1f msgs/s  %6.2fs  p50 %s ms  p99 %s ms (%d probes, %d errors)  "
-        "peak RSS %.1f MB  cpu %.2f ms/msg  stored msgs %d" % (
+        "peak RSS %.1f MB  cpu %.2f ms/msg  stored msgs %d  (background load %.2f cores)" % (
             r["peer"], r["msgs_per_s"], r["elapsed_s"], fmt(r.get("p50_ms"), "%.2f"),
             fmt(r.get("p99_ms"), "%.2f"), r.get("latency_samples", 0), r.get("latency_errors", 0),
-            r["peak_rss_kb"] / 1024, 1000 * r["server_cpu_s"] / messages, r["stored_msgs"]))
+            r["peak_rss_kb"] / 1024, 1000 * r["server_cpu_s"] / messages, r["stored_msgs"],
+            r.get("background_cores", 0)))
 
 
 # --------------------------------------------------------------------------

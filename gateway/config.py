@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from gateway.address import canonical_domain
 
 TLS_MODES = ("none", "starttls", "starttls-required", "implicit")
+CLIENT_TLS_LEVELS = ("none", "may", "encrypt", "verify")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -96,9 +97,14 @@ class TLSConfig:
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    """C{[queue]}: where the spool lives."""
+    """C{[queue]}: where the spool lives and how long mail may wait in it."""
 
     path: str
+    max_age: float = 5 * 86400.0
+    retry_initial: float = 300.0
+    retry_max: float = 3600.0
+    scan_interval: float = 1.0
+    double_bounce_to: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +117,25 @@ class DNSConfig:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
-    """C{[relay]}: the outbound side."""
+    """C{[relay]}: the outbound side (delivery client and scheduler)."""
 
     port: int = 25
     ca_file: str | None = None
     smarthost: NextHop | None = None
+    smarthost_username: str | None = None
+    smarthost_password: str | None = None
+    smarthost_tls: str = "encrypt"
+    tls: str = "may"
+    helo_name: str | None = None
+    enabled: bool = True
+    max_concurrent: int = 20
+    max_per_destination: int = 4
+    max_messages_per_connection: int = 100
+    connection_idle: float = 2.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    shutdown_grace: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +178,7 @@ class GatewayConfig:
     dns: DNSConfig = DNSConfig()
     relay: RelayConfig = RelayConfig()
     routes: Mapping[str, NextHop] = field(default_factory=dict)
+    route_tls: Mapping[str, str] = field(default_factory=dict)
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -433,19 +454,33 @@ def _listener(path: str, index: int, raw: Any) -> ListenerConfig:
     return cfg
 
 
-def _routes(path: str, raw: Any, default_port: int) -> dict[str, NextHop]:
+def _routes(path: str, raw: Any, default_port: int) -> tuple[dict[str, NextHop], dict[str, str]]:
+    """C{[routes]}: C{domain = "host:port"} or
+    C{domain = { next_hop = "host:port", tls = "verify" }}."""
     t = _Table(path, "[routes]", raw)
-    routes = {}
+    routes: dict[str, NextHop] = {}
+    levels: dict[str, str] = {}
     for key in list(raw):
-        value = t.get(key, str, required=True)
+        value = t.get(key, (str, dict), required=True)
+        tls = None
+        if isinstance(value, dict):
+            sub = _Table(path, f"[routes] {key!r}", value)
+            value = sub.get("next_hop", str, required=True)
+            tls = sub.get("tls", str, None)
+            if tls is not None and tls not in CLIENT_TLS_LEVELS:
+                raise sub.error("tls", f"must be one of {', '.join(CLIENT_TLS_LEVELS)}; got {tls!r}")
+            sub.finish()
         suffix = key.startswith(".")
         try:
             domain = canonical_domain(key[1:] if suffix else key)
             host, port, bracketed = parse_host_port(value, default_port)
         except ValueError as exc:
             raise t.error(repr(key), str(exc)) from None
-        routes["." + domain if suffix else domain] = NextHop(host, port, not bracketed and not _is_ip(host))
-    return routes
+        name = "." + domain if suffix else domain
+        routes[name] = NextHop(host, port, not bracketed and not _is_ip(host))
+        if tls is not None:
+            levels[name] = tls
+    return routes, levels
 
 
 def load_config(path: str) -> GatewayConfig:
@@ -489,7 +524,21 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     t.finish()
 
     t = _Table(path, "[queue]", top.get("queue", dict, {}))
-    queue = QueueConfig(path=_path(base, t.get("path", str, "var/spool")))
+    dq = QueueConfig(path="")
+    queue = QueueConfig(
+        path=_path(base, t.get("path", str, "var/spool")),
+        max_age=t.convert("max_age", parse_duration, dq.max_age),
+        retry_initial=t.convert("retry_initial", parse_duration, dq.retry_initial),
+        retry_max=t.convert("retry_max", parse_duration, dq.retry_max),
+        scan_interval=t.convert("scan_interval", parse_duration, dq.scan_interval),
+        double_bounce_to=t.get("double_bounce_to", str, ""),
+    )
+    if queue.retry_initial <= 0 or queue.retry_max < queue.retry_initial:
+        raise t.error("retry_max", "must be at least retry_initial, which must be positive")
+    if queue.scan_interval <= 0:
+        raise t.error("scan_interval", "must be positive")
+    if queue.double_bounce_to and "@" not in queue.double_bounce_to:
+        raise t.error("double_bounce_to", "must be an address like postmaster@example.com")
     t.finish()
 
     t = _Table(path, "[dns]", top.get("dns", dict, {}))
@@ -520,10 +569,38 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         except ValueError as exc:
             raise t.error("smarthost", str(exc)) from None
         smarthost = NextHop(host, port, not bracketed and not _is_ip(host))
-    relay = RelayConfig(port=relay_port, ca_file=ca_file or None, smarthost=smarthost)
+    dr = RelayConfig()
+
+    def level(key: str, default: str) -> str:
+        value = t.get(key, str, default)
+        if value not in CLIENT_TLS_LEVELS:
+            raise t.error(key, f"must be one of {', '.join(CLIENT_TLS_LEVELS)}; got {value!r}")
+        return value
+
+    relay = RelayConfig(
+        port=relay_port, ca_file=ca_file or None, smarthost=smarthost,
+        smarthost_username=t.get("smarthost_username", str, None),
+        smarthost_password=t.get("smarthost_password", str, None),
+        smarthost_tls=level("smarthost_tls", dr.smarthost_tls),
+        tls=level("tls", dr.tls),
+        helo_name=t.get("helo_name", str, None),
+        enabled=t.get("enabled", bool, True),
+        max_concurrent=t.positive_int("max_concurrent", dr.max_concurrent),
+        max_per_destination=t.positive_int("max_per_destination", dr.max_per_destination),
+        max_messages_per_connection=t.positive_int("max_messages_per_connection", dr.max_messages_per_connection),
+        connection_idle=t.convert("connection_idle", parse_duration, dr.connection_idle),
+        connect_timeout=t.convert("connect_timeout", parse_duration, dr.connect_timeout),
+        command_timeout=t.convert("command_timeout", parse_duration, dr.command_timeout),
+        data_timeout=t.convert("data_timeout", parse_duration, dr.data_timeout),
+        shutdown_grace=t.convert("shutdown_grace", parse_duration, dr.shutdown_grace),
+    )
+    if (relay.smarthost_username is None) != (relay.smarthost_password is None):
+        raise t.error("smarthost_password", "smarthost_username and smarthost_password go together")
+    if relay.smarthost_username is not None and relay.smarthost_tls in ("none", "may"):
+        raise t.error("smarthost_tls", "a password is only sent over TLS: use encrypt or verify")
     t.finish()
 
-    routes = _routes(path, top.get("routes", dict, {}), relay_port)
+    routes, route_tls = _routes(path, top.get("routes", dict, {}), relay_port)
 
     t = _Table(path, "[auth]", top.get("auth", dict, {}))
     users_file = t.get("users_file", str, None)
@@ -562,5 +639,5 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     top.finish()
     return GatewayConfig(
         path=path, server=server, listeners=listeners, tls=tls, queue=queue, dns=dns,
-        relay=relay, routes=routes, auth=auth, limits=limits, plugin_tables=plugin_tables,
+        relay=relay, routes=routes, route_tls=route_tls, auth=auth, limits=limits, plugin_tables=plugin_tables,
     )

@@ -23,6 +23,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from gateway.config import ConfigError, GatewayConfig, ListenerConfig, load_config
+from gateway.dns import make_resolver
 from gateway.pipeline import Pipeline
 from gateway.queue import Spool
 from gateway.registry import PluginRegistry
@@ -32,16 +33,6 @@ from gateway.tls import ensure_certificate, server_context_factory
 
 class StartupError(Exception):
     """Start-up cannot go on; C{str()} is the one line for the admin."""
-
-
-def make_resolver(config: GatewayConfig, reactor: Any) -> Any:
-    """A twisted.names resolver for C{[dns]}: its servers, else the system's."""
-    from twisted.names import client
-
-    timeout = (config.dns.timeout,)
-    if config.dns.servers:
-        return client.Resolver(servers=list(config.dns.servers), reactor=reactor, timeout=timeout)
-    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor, timeout=timeout)
 
 
 @dataclass
@@ -54,6 +45,7 @@ class Gateway:
     pipelines: dict[str, Pipeline]
     tls_context: Any
     resolver: Any
+    run_in_thread: Any
     recovered: dict[str, int] = field(default_factory=dict)
 
 
@@ -95,13 +87,19 @@ def prepare(config_path: str, reactor: Any) -> Gateway:
         raise ConfigError(config.path, "[queue] path", f"spool unusable: {exc}") from None
     for listener in config.listeners:
         _check_port_free(config, listener)
-    resolver = make_resolver(config, reactor)
+    resolver = make_resolver(config.dns, reactor)
+    if config.relay.ca_file:
+        from gateway.tls import trust_root
+        try:
+            trust_root(config.relay.ca_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(config.path, "[relay] ca_file", str(exc)) from None
     built: dict[str, Any] = {}
     pipelines = {
         listener.name: registry.build_pipeline(listener, reactor, resolver, run_in_thread, built)
         for listener in config.listeners
     }
-    return Gateway(config, spool, registry, pipelines, tls_context, resolver, recovered)
+    return Gateway(config, spool, registry, pipelines, tls_context, resolver, run_in_thread, recovered)
 
 
 class GatewayService(service.MultiService):
@@ -128,6 +126,17 @@ class GatewayService(service.MultiService):
         }
         self.ports: dict[str, Any] = {}
         self.queued_observers: list[Any] = []
+        self.scheduler = None
+        if config.relay.enabled:
+            from gateway.routing import Router
+            from gateway.scheduler import DeliveryScheduler
+
+            router = Router(config, gateway.resolver, tls_default=config.relay.tls,
+                            route_tls=dict(config.route_tls, **({"smarthost": config.relay.smarthost_tls}
+                                                                 if config.relay.smarthost else {})))
+            self.scheduler = DeliveryScheduler(config, gateway.spool, router, reactor, reactor,
+                                               gateway.run_in_thread)
+            self.queued_observers.append(self.scheduler.message_queued)
 
     def message_queued(self, queue_id: str) -> None:
         """Called by the listeners after each commit."""
@@ -165,6 +174,8 @@ class GatewayService(service.MultiService):
                       path=self.gateway.config.queue.path,
                       recovered=", ".join(f"{k}={v}" for k, v in sorted(recovered.items())) or "clean")
         super().startService()
+        if self.scheduler is not None:
+            self.scheduler.startService()
 
     def port_of(self, name: str) -> int:
         """The TCP port a listener is bound to."""
@@ -185,5 +196,12 @@ class GatewayService(service.MultiService):
             yield task.deferLater(self.reactor, 0.05, lambda: None)
         for protocol in protocols:
             protocol.shutdown()
+        # Give the reactor turns to flush the 421s before it drops sockets.
+        for _ in range(20):
+            if all(p.transport is None or not p.transport.connected for p in protocols):
+                break
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        if self.scheduler is not None and self.scheduler.running:
+            yield self.scheduler.stopService()
         yield defer.maybeDeferred(super().stopService)
         self.log.info("mailgateway stopped")

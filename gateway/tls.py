@@ -14,6 +14,7 @@ See also: twisted.internet.ssl.CertificateOptions.
 from __future__ import annotations
 
 import datetime
+from typing import Any
 import os
 
 from twisted.internet import ssl
@@ -125,3 +126,30 @@ def tls_info(transport: object) -> TLSInfo | None:
     if not version or version == "Unknown" or cipher is None:
         return None
     return TLSInfo(version=version, cipher=cipher)
+
+
+def trust_root(ca_file: str | None) -> Any:
+    """The CAs to verify next hops with: a PEM bundle, or the platform's."""
+    if not ca_file:
+        return ssl.platformTrust()
+    with open(ca_file, "rb") as handle:
+        data = handle.read()
+    certs = [ssl.Certificate.loadPEM(pem) for pem in _split_pem(data)]
+    if not certs:
+        raise ValueError(f"no PEM certificate in {ca_file}")
+    return ssl.trustRootFromCertificates(certs)
+
+
+def client_context_factory(level: str, hostname: str, trust: Any) -> Any:
+    """A client TLS context for one connection.
+
+    C{verify} checks the chain against C{trust} and the name against
+    C{hostname} (service-identity, through C{optionsForClientTLS});
+    C{may} and C{encrypt} encrypt without checking (RFC 7435
+    opportunistic security).  TLS 1.2 or later in every case.
+    """
+    if level == "verify":
+        return ssl.optionsForClientTLS(
+            hostname, trustRoot=trust,
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+    return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)

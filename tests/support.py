@@ -73,6 +73,8 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "tls": {"cert": str(tmp_path / "tls" / "cert.pem"), "key": str(tmp_path / "tls" / "key.pem")},
         "queue": {"path": str(tmp_path / "spool")},
         "dns": {"servers": ["127.0.0.1:1"], "timeout": 2},
+        # Receiving tests look at the spool; delivery tests turn this on.
+        "relay": {"enabled": False},
     }
     for name, value in sections.items():
         if isinstance(value, dict) and isinstance(doc.get(name), dict):

@@ -10,6 +10,9 @@ is meant for scripts.
     listener's effective plugin list per stage.
   - C{gatewayctl queue list [-c FILE] [--state S]}: queued messages.
   - C{gatewayctl queue show ID [-c FILE]}: one message's envelope.
+  - C{gatewayctl queue flush [ID]}, C{hold ID}, C{release ID}, C{delete ID}:
+    safe while the gateway runs (atomic renames; a message being delivered
+    is refused with "try again").
 
 See also: postconf(1), postqueue(1), haraka -o.
 """
@@ -45,6 +48,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     PluginRegistry(config)
     data = config.to_dict()
     data.pop("plugin_tables", None)
+    if data["relay"].get("smarthost_password"):
+        data["relay"]["smarthost_password"] = "********"
     data["plugins"] = {k: dict(v) for k, v in config.plugin_tables.items()}
     if args.json:
         _print(data, True, "")
@@ -103,31 +108,53 @@ def _spool(path: str):
     return Spool(config.queue.path, run_in_thread=lambda f, *a: f(*a), clock=None)
 
 
+def _row(queue_id: str, state: str, envelope: Any, now: float) -> dict[str, Any]:
+    """One queue entry in the documented C{--json} shape."""
+    pending = [r for r in envelope.recipients if r.status in ("pending", "deferred")]
+    errors = [r.last_reply for r in (pending or envelope.recipients) if r.last_reply]
+    return {
+        "id": queue_id, "state": state, "sender": envelope.sender,
+        "recipients": [r.address for r in pending] or [r.address for r in envelope.recipients],
+        "size": envelope.size, "age": round(now - envelope.received_at, 1),
+        "next_attempt": envelope.next_attempt if state == "deferred" else None,
+        "last_error": errors[-1] if errors else None, "attempts": envelope.attempts,
+    }
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def cmd_queue_list(args: argparse.Namespace) -> int:
     from gateway.queue import STATES
 
     spool = _spool(args.config)
     states = [args.state] if args.state else list(STATES)
+    now = time.time()
     rows = []
     for state in states:
         for queue_id in spool.list(state):
             try:
                 _, envelope = spool.load(queue_id)
             except Exception as exc:
-                rows.append({"queue_id": queue_id, "state": state, "error": str(exc)})
+                rows.append({"id": queue_id, "state": state, "sender": None, "recipients": [],
+                             "size": None, "age": None, "next_attempt": None,
+                             "last_error": f"unreadable envelope: {exc}", "attempts": None})
                 continue
-            rows.append({
-                "queue_id": queue_id, "state": state, "size": envelope.size,
-                "received_at": envelope.received_at, "sender": envelope.sender,
-                "recipients": [r.address for r in envelope.recipients],
-                "attempts": envelope.attempts,
-            })
-    text = "\n".join(
-        f"{r['queue_id']}  {r['state']:9} {r.get('size', 0):>9}  "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.get('received_at', 0)))}  "
-        f"<{r.get('sender', '')}> -> {', '.join(r.get('recipients', []))}"
-        for r in rows) or "queue is empty"
-    _print(rows, args.json, text)
+            rows.append(_row(queue_id, state, envelope, now))
+    lines = []
+    for r in rows:
+        nxt = ""
+        if r["next_attempt"]:
+            nxt = " next " + time.strftime("%H:%M:%S", time.localtime(r["next_attempt"]))
+        lines.append(f"{r['id']}  {r['state']:9} {r['size'] or 0:>9}  {_age(r['age'] or 0):>4}  "
+                     f"<{r['sender'] or ''}> -> {', '.join(r['recipients'])}{nxt}")
+        if r["last_error"]:
+            lines.append(f"    ({r['last_error']})")
+    _print(rows, args.json, "\n".join(lines) or "queue is empty")
     return 0
 
 
@@ -140,11 +167,65 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     except KeyError:
         print(f"gatewayctl: no message {args.queue_id} in the queue", file=sys.stderr)
         return 1
-    data = dataclasses.asdict(envelope)
-    data["state"] = state
+    data = _row(args.queue_id, state, envelope, time.time())
+    data["envelope"] = dataclasses.asdict(envelope)
     data["data_path"] = spool.data_path(args.queue_id)
-    _print(data, args.json, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    if args.json:
+        _print(data, True, "")
+    else:
+        for key, value in data.items():
+            if key != "envelope":
+                print(f"{key}: {value}")
+        for recipient in envelope.recipients:
+            print(f"recipient: {recipient.address} status={recipient.status} attempts={recipient.attempts}"
+                  + (f" last_reply={recipient.last_reply!r}" if recipient.last_reply else ""))
+        for header in envelope.prepend_headers:
+            print("prepend: " + header.replace("\r\n", "\n          "))
     return 0
+
+
+def _state_of(spool: Any, queue_id: str) -> str | None:
+    try:
+        return spool.load(queue_id)[0]
+    except KeyError:
+        return None
+
+
+def _change(args: argparse.Namespace, verb: str) -> int:
+    """flush / hold / release / delete one message (or, for flush, all
+    deferred ones).  Every change is one atomic rename out of a state the
+    scheduler may be leasing from; if the scheduler won the race, the
+    message is being delivered and the admin is told to try again."""
+    spool = _spool(args.config)
+    ids = [args.queue_id] if getattr(args, "queue_id", None) else spool.list("deferred")
+    moves = {"flush": (("deferred",), "incoming"), "hold": (("incoming", "deferred"), "hold"),
+             "release": (("hold",), "incoming"), "delete": (("incoming", "deferred", "hold", "corrupt"), "hold")}
+    sources, target = moves[verb]
+    done, failed = [], []
+    for queue_id in ids:
+        state = _state_of(spool, queue_id)
+        if state is None:
+            failed.append((queue_id, "no such message"))
+            continue
+        if state == "active":
+            failed.append((queue_id, "being delivered right now; try again in a moment"))
+            continue
+        if state not in sources:
+            failed.append((queue_id, f"is in {state}/, not in {' or '.join(sources)}/"))
+            continue
+        try:
+            if state != target:
+                spool.move(queue_id, state, target, sync=True)
+            if verb == "delete":
+                spool.remove(queue_id)
+        except KeyError:
+            failed.append((queue_id, "being delivered right now; try again in a moment"))
+            continue
+        done.append(queue_id)
+    result = {"verb": verb, "done": done, "failed": [{"id": i, "reason": r} for i, r in failed]}
+    text = "\n".join([f"{verb}: {i}" for i in done] + [f"gatewayctl: {i}: {r}" for i, r in failed])
+    _print(result, args.json, text or f"{verb}: nothing to do")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = queue.add_parser("show", help="show one message's envelope")
     p.add_argument("queue_id")
     p.set_defaults(func=cmd_queue_show)
+    p = queue.add_parser("flush", help="try deferred messages now (one, or all)")
+    p.add_argument("queue_id", nargs="?")
+    p.set_defaults(func=lambda a: _change(a, "flush"))
+    for verb, text in (("hold", "put a message on hold (no delivery)"),
+                       ("release", "release a held message"),
+                       ("delete", "delete a message (not while it is being delivered)")):
+        p = queue.add_parser(verb, help=text)
+        p.add_argument("queue_id")
+        p.set_defaults(func=lambda a, verb=verb: _change(a, verb))
     for p in queue.choices.values():
         p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         p.add_argument("--json", action="store_true", help="print JSON")

@@ -63,9 +63,10 @@ DSN_ACTIONS: Final = frozenset({"failed", "delayed"})
 SUBJECT_FAILED: Final = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED: Final = "Delayed Mail (still being retried)"
 
-# RFC 3463 section 2: class "." subject "." detail, with at most three
-# digits each.  A DSN reports failures and delays only: class 4 or 5.
-_STATUS_RE: Final = re.compile(r"([45])\.(?:0|[1-9][0-9]{0,2})\.(?:0|[1-9][0-9]{0,2})")
+# RFC 3463 section 2 (and RFC 3464 section 2.3.4): class "." subject "."
+# detail, one to three digits each.  A DSN reports failures and delays
+# only: class 4 or 5.
+_STATUS_RE: Final = re.compile(r"([45])\.[0-9]{1,3}\.[0-9]{1,3}")
 
 # A diagnostic that starts like an SMTP reply is of type "smtp" (RFC 3464
 # section 2.3.6); anything else (a connection error, a local decision) is
@@ -76,7 +77,9 @@ _LOCAL_DIAGNOSTIC_TYPE: Final = "X-Mailgateway"
 _LINE_BREAK_RE: Final = re.compile(r"\r\n|\r|\n")
 # One line of a (possibly multiline) SMTP reply: code, "-" or " ", an
 # optional enhanced status code, text.
-_REPLY_LINE_RE: Final = re.compile(r"([2-5][0-9][0-9])[ -](?:([245]\.[0-9]{1,3}\.[0-9]{1,3}) ?)?(.*)")
+_REPLY_LINE_RE: Final = re.compile(
+    r"([2-5][0-9][0-9])[ -](?:([245]\.[0-9]{1,3}\.[0-9]{1,3}) ?)?(.*)"
+)
 _LINE_BREAK_BYTES_RE: Final = re.compile(rb"\r\n|\r|\n")
 _WHITESPACE_RE: Final = re.compile(r"\s+")
 
@@ -174,7 +177,9 @@ def build_dsn(
     @param reason: An optional sentence for the human-readable part, e.g.
         why the message was given up.
     @return: The whole message, CRLF line endings, no line longer than 998
-        octets.
+        octets.  It is 7-bit ASCII except when C{original.sender} is not
+        ASCII: then C{To:} holds it in UTF-8 and the report must be sent
+        with SMTPUTF8, like the original.
     @raise ValueError: If C{original.sender} is empty (a bounce is never
         bounced: the caller logs and drops it), if C{failed} is empty, or if
         C{reporting_mta} or C{message_id} is unusable.
@@ -189,7 +194,12 @@ def build_dsn(
     if not reporter:
         raise ValueError(f"not a host name: {reporting_mta!r}")
     message_id = message_id.strip()
-    if not message_id or _has_control(message_id) or " " in message_id:
+    if (
+        not message_id
+        or not message_id.isascii()
+        or _has_control(message_id)
+        or " " in message_id
+    ):
         raise ValueError(f"not a message id: {message_id!r}")
     if not message_id.startswith("<"):
         message_id = f"<{message_id}>"

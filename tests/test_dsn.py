@@ -254,7 +254,9 @@ def test_empty_reporting_mta_is_refused(reporting_mta):
         build(reporting_mta=reporting_mta)
 
 
-@pytest.mark.parametrize("message_id", ["", "<a@b>\r\nBcc: x@y", "<a b@c>"])
+@pytest.mark.parametrize(
+    "message_id", ["", "<a@b>\r\nBcc: x@y", "<a b@c>", "<\u00fc@example.com>"]
+)
 def test_bad_message_id_is_refused(message_id):
     """A message id that is empty or would break the header is refused."""
     with pytest.raises(ValueError):
@@ -277,7 +279,8 @@ def test_sender_with_line_break_is_refused():
         {"status": "5.1"},
         {"status": "5.1.1 "},
         {"status": "5.1000.1"},
-        {"status": "5.01.1"},
+        {"status": "5.1.1.1"},
+        {"status": "x.1.1"},
         {"status": "5.1.1", "action": "delayed"},
         {"address": ""},
         {"address": "a@b\r\nX: y"},
@@ -289,6 +292,14 @@ def test_failed_recipient_is_checked(kwargs):
     is refused when the FailedRecipient is made."""
     with pytest.raises(ValueError):
         bob_failed(**kwargs)
+
+
+@pytest.mark.parametrize("status", ["5.1.1", "5.1.10", "5.01.001", "4.4.7", "5.999.999"])
+def test_any_rfc_3463_failure_status_is_accepted(status):
+    """Every status of class 4 or 5 with one to three digits per part is
+    accepted, as the RFC 3463 grammar allows, and written as given."""
+    [_, block] = status_blocks(parse(build(failed=[bob_failed(status=status)])))
+    assert block["Status"] == status
 
 
 def test_expired_recipient_may_fail_with_a_4xx_status():
@@ -310,7 +321,8 @@ def test_per_message_fields():
     sender gave no ENVID."""
     [per_message, _] = status_blocks(parse(build()))
     assert per_message["Reporting-MTA"] == "dns; mx.example.com"
-    assert email.utils.parsedate_to_datetime(per_message["Arrival-Date"]).timestamp() == RECEIVED_AT
+    arrival = email.utils.parsedate_to_datetime(per_message["Arrival-Date"])
+    assert arrival.timestamp() == RECEIVED_AT
     assert per_message["Original-Envelope-Id"] is None
     assert per_message["X-Mailgateway-Queue-ID"] == QUEUE_ID
 
@@ -336,7 +348,8 @@ def test_original_envelope_id_comes_first():
     envelope = make_envelope(mail_params={"ENVID": "abc"})
     [per_message, _] = status_blocks(parse(build(original=envelope)))
     keys = per_message.keys()
-    assert keys.index("Original-Envelope-Id") < keys.index("Reporting-MTA") < keys.index("Arrival-Date")
+    assert keys.index("Original-Envelope-Id") < keys.index("Reporting-MTA")
+    assert keys.index("Reporting-MTA") < keys.index("Arrival-Date")
 
 
 def test_per_recipient_fields():
@@ -349,7 +362,8 @@ def test_per_recipient_fields():
     assert block["Status"] == "5.1.1"
     assert block["Remote-MTA"] == "dns; mx1.example.net"
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 No such user"
-    assert email.utils.parsedate_to_datetime(block["Last-Attempt-Date"]).timestamp() == LAST_ATTEMPT
+    last_attempt = email.utils.parsedate_to_datetime(block["Last-Attempt-Date"])
+    assert last_attempt.timestamp() == LAST_ATTEMPT
     assert block.keys() == [
         "Final-Recipient",
         "Action",
@@ -395,7 +409,8 @@ def test_status_blocks_are_separated_by_blank_lines():
     dsn = build(failed=[bob_failed(), bob_failed(address="carol@example.net")])
     assert b"+0000\r\n\r\nFinal-Recipient: rfc822; bob@example.net\r\n" in dsn
     assert b"\r\n\r\nFinal-Recipient: rfc822; carol@example.net\r\n" in dsn
-    assert b"\r\n\r\n\r\n" not in dsn.split(b"Content-Type: message/delivery-status")[1].split(b"\r\n--")[0]
+    report = dsn.split(b"Content-Type: message/delivery-status")[1].split(b"\r\n--")[0]
+    assert b"\r\n\r\n\r\n" not in report
 
 
 def test_multiline_reply_becomes_one_diagnostic():
@@ -411,7 +426,9 @@ def test_multiline_reply_becomes_one_diagnostic():
 def test_local_diagnostic_is_not_typed_smtp():
     """A diagnostic that is not an SMTP reply (a connection error) is typed
     X-Mailgateway rather than smtp, which would be a lie."""
-    failed = bob_failed(status="4.4.1", diagnostic="connect to mx1.example.net: Connection refused")
+    failed = bob_failed(
+        status="4.4.1", diagnostic="connect to mx1.example.net: Connection refused"
+    )
     [_, block] = status_blocks(parse(build(failed=[failed])))
     assert block["Diagnostic-Code"] == (
         "X-Mailgateway; connect to mx1.example.net: Connection refused"
@@ -515,7 +532,8 @@ def test_text_part_separates_failed_and_delayed():
     text = text_of(parse(build(failed=failed)).get_payload()[0])
     failed_at = text.index("Delivery failed permanently")
     delayed_at = text.index("retried")
-    assert failed_at < text.index("<bob@example.net>") < delayed_at < text.index("<carol@example.net>")
+    assert failed_at < text.index("<bob@example.net>") < delayed_at
+    assert delayed_at < text.index("<carol@example.net>")
 
 
 def test_delay_warning_says_no_need_to_resend():
@@ -572,7 +590,10 @@ def test_empty_original_headers():
 def test_utf8_headers_are_quoted_printable():
     """RFC 6532 UTF-8 headers are quoted-printable encoded with charset
     utf-8, and decode back to the very same octets."""
-    headers = "Subject: Gr\u00fc\u00dfe aus K\u00f6ln\r\nFrom: J\u00f6rg <j@example.org>\r\n".encode()
+    headers = (
+        "Subject: Gr\u00fc\u00dfe aus K\u00f6ln\r\n"
+        "From: J\u00f6rg <j@example.org>\r\n"
+    ).encode()
     dsn = build(original_headers=headers)
     assert dsn.isascii()
     part = parse(dsn).get_payload()[2]

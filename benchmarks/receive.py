@@ -178,6 +178,28 @@ def tree_cpu_seconds(root: int, multi: bool) -> float:
     return total / CLK_TCK
 
 
+def gateway_code_version() -> str:
+    """A short hash of the gateway's source files as they are on disk now,
+    so that rounds run against different code (a tree being edited) show."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for top in ("gateway", "plugins", os.path.join("twisted", "plugins")):
+        base = os.path.join(REPO, top)
+        for dirpath, dirs, files in sorted(os.walk(base)):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    h.update(os.path.relpath(path, REPO).encode())
+                    try:
+                        with open(path, "rb") as f:
+                            h.update(f.read())
+                    except OSError:
+                        pass
+    return h.hexdigest()[:12]
+
+
 def machine_cpu_seconds() -> float:
     """Busy CPU seconds of the whole machine so far (all cpus, /proc/stat)."""
     with open("/proc/stat") as f:
@@ -700,6 +722,8 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 def run_round(args: argparse.Namespace, peer_name: str, workdir: str) -> dict:
     peer = PEER_CLASSES[peer_name](args, workdir)
     result: dict = {"peer": peer_name, "ok": False}
+    if peer_name == "gateway":
+        result["code_version"] = gateway_code_version()
     peer.start()
     try:
         sampler = RssSampler(peer.root_pid, peer.multi_process)
@@ -733,6 +757,8 @@ def run_round(args: argparse.Namespace, peer_name: str, workdir: str) -> dict:
         if not ok:
             result["error"] = "smtp-source failed: " + out[-500:]
         result["msgs_per_s"] = args.messages / elapsed if ok else 0.0
+        # Little's law: mean time one smtp-source message took (connect to QUIT)
+        result["load_mean_ms"] = 1000.0 * args.sessions * elapsed / args.messages
         if probe:
             lat = sorted(probe.samples)
             result["latency_samples"] = len(lat)
@@ -833,13 +859,16 @@ def summarize(args: argparse.Namespace, rounds: list[dict]) -> dict:
         if not rs:
             summary[name] = {"rounds_ok": 0}
             continue
+        versions = sorted({r["code_version"] for r in rs if r.get("code_version")})
         pooled = sorted(x for r in rs for x in r.get("latencies_ms", []))
         summary[name] = {
             "rounds_ok": len(rs),
+            "code_versions": versions,
             "msgs_per_s": med([r["msgs_per_s"] for r in rs]),
             "msgs_per_s_all": [round(r["msgs_per_s"], 1) for r in rs],
             "p50_ms": med([r.get("p50_ms") for r in rs]),
             "p99_ms": med([r.get("p99_ms") for r in rs]),
+            "load_mean_ms": med([r.get("load_mean_ms") for r in rs]),
             "pooled_p50_ms": percentile(pooled, 50),
             "pooled_p99_ms": percentile(pooled, 99),
             "peak_rss_mb": med([r["peak_rss_kb"] / 1024 for r in rs]),
@@ -889,6 +918,11 @@ def print_summary(args: argparse.Namespace, summary: dict) -> None:
         log("postfix peak RSS is the sum over all processes of the instance (master, smtpd x N,")
         log("  cleanup, trivial-rewrite, qmgr, ...): smtpd alone %s MB, cleanup %s MB, PSS of all %s MB"
             % (fmt(s["peak_smtpd_rss_mb"]), fmt(s["peak_cleanup_rss_mb"]), fmt(s["peak_pss_mb"])))
+    versions = summary.get("gateway", {}).get("code_versions") or []
+    if len(versions) > 1:
+        log("warning: the gateway's source changed between rounds (versions %s)" % ", ".join(versions))
+    elif versions:
+        log("gateway source version (sha256 of gateway/, plugins/, twisted/plugins/ *.py): %s" % versions[0])
     for key, r in summary["ratios"].items():
         log("%-17s %.2fx  (target >= %.1fx: %s)" % (key, r["ratio"], r["target"], "met" if r["met"] else "NOT met"))
 

@@ -140,9 +140,16 @@ class RelayConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    """C{[auth]}: the users file for SMTP AUTH."""
+    """C{[auth]}: where SMTP AUTH checks passwords, who may send as whom,
+    and how password guessing is throttled."""
 
     users_file: str | None = None
+    checker: str | None = None
+    senders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    max_failures: int = 10
+    delay_after: int = 3
+    failure_delay: float = 1.0
+    failure_window: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +542,8 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     )
     if queue.retry_initial <= 0 or queue.retry_max < queue.retry_initial:
         raise t.error("retry_max", "must be at least retry_initial, which must be positive")
+    if queue.max_age <= 0:
+        raise t.error("max_age", "must be positive")
     if queue.scan_interval <= 0:
         raise t.error("scan_interval", "must be positive")
     if queue.double_bounce_to and "@" not in queue.double_bounce_to:
@@ -604,7 +613,24 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
 
     t = _Table(path, "[auth]", top.get("auth", dict, {}))
     users_file = t.get("users_file", str, None)
-    auth = AuthConfig(users_file=_path(base, users_file) if users_file else None)
+    checker = t.get("checker", str, None)
+    if users_file and checker:
+        raise t.error("checker", "use either users_file or checker, not both")
+    senders_raw = t.get("senders", dict, {})
+    senders: dict[str, tuple[str, ...]] = {}
+    for user, allowed in senders_raw.items():
+        if not isinstance(allowed, list) or not all(isinstance(a, str) and "@" in a for a in allowed):
+            raise ConfigError(path, f"[auth.senders] {user!r}",
+                              "expected a list of addresses or \"@domain\" entries")
+        senders[user] = tuple(a.lower() for a in allowed)
+    da = AuthConfig()
+    auth = AuthConfig(
+        users_file=_path(base, users_file) if users_file else None, checker=checker, senders=senders,
+        max_failures=t.positive_int("max_failures", da.max_failures),
+        delay_after=t.positive_int("delay_after", da.delay_after),
+        failure_delay=t.convert("failure_delay", parse_duration, da.failure_delay),
+        failure_window=t.convert("failure_window", parse_duration, da.failure_window),
+    )
     t.finish()
 
     t = _Table(path, "[limits]", top.get("limits", dict, {}))
@@ -633,6 +659,9 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
             raise ConfigError(path, f"[plugins.{name}]", "expected a table")
 
     for listener in listeners:
+        if listener.auth and not (auth.users_file or auth.checker):
+            raise ConfigError(path, f"[[listener]] {listener.name!r} auth",
+                              "needs [auth] users_file (or [auth] checker)")
         if listener.auth and listener.tls == "none":
             raise ConfigError(path, f"[[listener]] {listener.name!r} auth",
                               "AUTH is offered only over TLS: set tls to starttls, starttls-required or implicit")

@@ -13,6 +13,7 @@ is meant for scripts.
   - C{gatewayctl queue flush [ID]}, C{hold ID}, C{release ID}, C{delete ID}:
     safe while the gateway runs (atomic renames; a message being delivered
     is refused with "try again").
+  - C{gatewayctl user add|passwd|del|list}: the SMTP AUTH users file.
 
 See also: postconf(1), postqueue(1), haraka -o.
 """
@@ -228,6 +229,54 @@ def _change(args: argparse.Namespace, verb: str) -> int:
     return 1 if failed else 0
 
 
+def _users(args: argparse.Namespace):
+    from gateway.credentials import UsersFile
+
+    config = _load(args.config)
+    if not config.auth.users_file:
+        raise ConfigError(config.path, "[auth] users_file", "not set: there is no users file to manage")
+    return UsersFile(config.auth.users_file)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    """The new password: --password-stdin reads one line; else ask twice."""
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise SystemExit("gatewayctl: passwords differ")
+    if not password:
+        raise SystemExit("gatewayctl: empty password")
+    return password
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    """user add|passwd|del|list: edits the users file atomically; the
+    running gateway notices the change on the next AUTH (no restart)."""
+    users = _users(args)
+    try:
+        if args.verb == "list":
+            names = sorted(users.users())
+            _print(names, args.json, "\n".join(names) or "no users")
+            return 0
+        if args.verb == "add":
+            users.set(args.name, _read_password(args), must_exist=False)
+        elif args.verb == "passwd":
+            users.set(args.name, _read_password(args), must_exist=True)
+        elif args.verb == "del":
+            users.delete(args.name)
+    except KeyError:
+        print(f"gatewayctl: no user {args.name}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"gatewayctl: {exc}", file=sys.stderr)
+        return 1
+    _print({"user": args.name, "done": args.verb}, args.json, f"{args.verb}: {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayctl", description="Operate a mailgateway.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     for p in queue.choices.values():
         p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         p.add_argument("--json", action="store_true", help="print JSON")
+
+    user = sub.add_parser("user", help="manage the SMTP AUTH users file").add_subparsers(dest="verb", required=True)
+    for verb, text in (("add", "add a user"), ("passwd", "change a user's password"),
+                       ("del", "delete a user"), ("list", "list users")):
+        p = user.add_parser(verb, help=text)
+        if verb != "list":
+            p.add_argument("name")
+        if verb in ("add", "passwd"):
+            p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=cmd_user)
     return parser
 
 

@@ -184,8 +184,6 @@ class Pipeline:
 
     def _judge(self, slot: PluginSlot, result: Any, headers: tuple) -> Outcome | tuple:
         """Turn one plugin result into a final Outcome, or the headers so far."""
-        if isinstance(result, Outcome):
-            return result
         if isinstance(result, _Failed):
             if result.failure.check(_Timeout):
                 self.log.warn("plugin {plugin} timed out after {timeout}s in {listener}",

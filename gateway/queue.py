@@ -390,13 +390,16 @@ class Spool:
             self.log.failure("Commit batch failed", result)
             for pending in batch:
                 self._close_and_discard(pending.job)
-            errors: list[BaseException | None] = [result.value] * len(batch)
+            outcomes: list[BaseException | Failure | None] = [result] * len(batch)
         else:
-            errors = result
+            outcomes = list(result)
         # Fire while still marked running: messages staged from these
         # callbacks join the next batch instead of starting one each.
-        for pending, error in zip(batch, errors):
-            self._finish(pending, pending.job.queue_id if error is None else Failure(error))
+        for pending, outcome in zip(batch, outcomes):
+            if outcome is None:
+                self._finish(pending, pending.job.queue_id)
+            else:
+                self._finish(pending, outcome if isinstance(outcome, Failure) else Failure(outcome))
         self._batch_running = False
         if self._staged:
             self._start_batch()

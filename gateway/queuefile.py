@@ -35,6 +35,7 @@ from typing import Any, Final
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "QUEUE_ID_LENGTH",
     "RECIPIENT_STATUSES",
     "Envelope",
     "EnvelopeError",

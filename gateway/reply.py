@@ -109,6 +109,7 @@ NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
 PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 NO_TLS_HERE = Reply(502, "5.5.1", "STARTTLS not available")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "SMTPUTF8 required for non-ASCII addresses")
 

@@ -45,6 +45,15 @@ from gateway.trace import message_id
 MAX_HEADER_COPY = 64 * 1024
 
 
+def _failure_status(reply: ServerReply) -> str:
+    """The RFC 3463 status of a permanent failure: the reply's own when it
+    is of class 5 (or 4, as for expiry), else X.0.0 from the reply code."""
+    status = reply.status
+    if status and status[0] in "45":
+        return status
+    return "5.0.0" if reply.code >= 500 or reply.code < 400 else "4.0.0"
+
+
 @dataclass
 class _Message:
     """A leased message whose jobs are in flight."""
@@ -336,7 +345,7 @@ class DeliveryScheduler(service.Service):
                 delay=self.now() - envelope.received_at, attempt_time=self.clock.seconds() - started,
                 result="sent" if result.delivered else ("bounced" if result.permanent or permanent_error else "deferred"),
                 reply=str(result.reply))
-        self._job_done(job, [(r, connection.host, permanent_error) for r in results])
+        self._job_done(job, [(r, connection.host, permanent_error or r.permanent) for r in results])
 
     def _fail_queued(self, queue: _DestinationQueue, reply: ServerReply, host: str | None, permanent: bool) -> None:
         while queue.jobs:
@@ -392,10 +401,10 @@ class DeliveryScheduler(service.Service):
             recipient.last_reply = str(result.reply)
             if result.delivered:
                 recipient.status = "delivered"
-            elif result.permanent or permanent:
+            elif permanent:
                 recipient.status = "bounced"
                 failed.append(FailedRecipient(
-                    address=recipient.address, status=result.reply.status or "5.0.0",
+                    address=recipient.address, status=_failure_status(result.reply),
                     diagnostic=str(result.reply) if host else None, remote_mta=host,
                     last_attempt=now))
             else:

@@ -20,6 +20,8 @@ See also: twisted.mail.smtp.ESMTP; Postfix smtpd(8); aiosmtpd.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.parser
 import email.policy
 import itertools
@@ -47,6 +49,8 @@ from gateway.trace import message_id, received_header
 from gateway.verdict import Action
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+AUTH_LINE_LIMIT = 12288 + 2
 
 # Protocol states.
 GREETING, COMMAND, DATA, CLOSED = "greeting", "command", "data", "closed"
@@ -113,6 +117,8 @@ class GatewaySMTP(smtp.ESMTP):
         self._data: _DataState | None = None
         self._tls_pending = False
         self._processing = False
+        self._auth_step: Callable[[bytes], None] | None = None
+        self._auth_refusals = 0
 
     # -- connection life cycle (Twisted calls these) -----------------------
 
@@ -217,25 +223,43 @@ class GatewaySMTP(smtp.ESMTP):
                 self._feed_data()
                 continue
             end = self._inbuf.find(b"\n")
+            limit = self._line_limit()
             if end < 0:
-                if len(self._inbuf) > self.limits.max_command_line:
+                if len(self._inbuf) > limit:
                     del self._inbuf[:]
                     if not self._discarding_line:
                         self._discarding_line = True
-                        self._error(R.LINE_TOO_LONG)
+                        self._line_too_long()
                 return
             line = bytes(self._inbuf[:end + 1])
             del self._inbuf[:end + 1]
             if self._discarding_line:
                 self._discarding_line = False
                 continue
-            if len(line) > self.limits.max_command_line:
-                self._error(R.LINE_TOO_LONG)
+            if len(line) > limit:
+                self._line_too_long()
+                continue
+            if self._auth_step is not None:
+                step, self._auth_step = self._auth_step, None
+                step(line.rstrip(b"\r\n"))
                 continue
             self._command(line.rstrip(b"\r\n"))
         if self._paused and not self._busy and self.state != CLOSED:
             self._paused = False
             self.transport.resumeProducing()
+
+    def _line_limit(self) -> int:
+        """512 octets for commands; 12288 for AUTH exchanges (RFC 4954 §4)."""
+        if self._auth_step is not None or (self.listener.auth and self._inbuf[:5].upper() == b"AUTH "):
+            return AUTH_LINE_LIMIT
+        return self.limits.max_command_line
+
+    def _line_too_long(self) -> None:
+        if self._auth_step is not None:
+            self._auth_step = None
+            self._error(R.AUTH_LINE_TOO_LONG)
+        else:
+            self._error(R.LINE_TOO_LONG)
 
     def _after(self, result: Any, then: Callable[[Any], None]) -> None:
         """Call C{then(result)} now, or when the Deferred fires; input is
@@ -328,7 +352,14 @@ class GatewaySMTP(smtp.ESMTP):
                  "ENHANCEDSTATUSCODES", "SMTPUTF8"]
         if self._can_starttls():
             lines.append("STARTTLS")
+        if self._can_auth():
+            lines.append("AUTH PLAIN LOGIN")
         return lines
+
+    def _can_auth(self) -> bool:
+        """AUTH is offered only on auth listeners, only over TLS."""
+        return (self.listener.auth and self.session.tls is not None
+                and self.gateway.checker is not None and self.session.auth_user is None)
 
     def _can_starttls(self) -> bool:
         return (self.ctx is not None and self.session.tls is None
@@ -341,7 +372,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._hello(argument, esmtp=False)
 
     def _hello(self, argument: str, esmtp: bool) -> None:
-        if not argument or " " in argument:
+        if not argument or any(c in argument for c in " \t") or not argument.isprintable():
             self._error(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
             return
         self._reset_transaction()
@@ -413,10 +444,148 @@ class GatewaySMTP(smtp.ESMTP):
         self._tls_pending = True
 
     def smtp_AUTH(self, argument: str) -> None:
-        if self.listener.tls == "starttls-required" and self.session.tls is None:
+        """SMTP AUTH PLAIN and LOGIN (RFC 4954, RFC 4616), over TLS only."""
+        session = self.session
+        if not self.listener.auth or self.gateway.checker is None:
+            self._error(Reply(502, "5.5.1", "AUTH not available"))
+            return
+        if session.tls is None:
             self._error(R.TLS_REQUIRED)
             return
-        self._error(Reply(502, "5.5.1", "AUTH not available"))
+        if session.helo is None:
+            self._error(R.NEED_HELO)
+            return
+        if session.auth_user is not None:
+            self._error(Reply(503, "5.5.1", "Already authenticated"))
+            return
+        if self.transaction is not None:
+            self._error(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"))
+            return
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            self._error(Reply(504, "5.5.4", "Unrecognized authentication type"))
+            return
+        if self.gateway.auth_failures.blocked(session.peer):
+            self._auth_refused()
+            return
+        initial = initial.strip()
+        if mechanism == "PLAIN":
+            if initial:
+                self._auth_plain(initial.encode())
+            else:
+                self._challenge("", self._auth_plain)
+        elif initial:
+            self._auth_login_user(initial.encode())
+        else:
+            self._challenge("Username:", self._auth_login_user)
+
+    def _auth_refused(self) -> None:
+        self._auth_refusals += 1
+        self.log.warn("AUTH refused for {client}: too many failures", client=self.session.peer)
+        if self._auth_refusals >= 3:
+            self._send(Reply(421, "4.7.0", "Too many authentication failures, closing connection"))
+            self._close()
+        else:
+            self._send(Reply(454, "4.7.0", "Too many authentication failures, try again later"))
+
+    def _challenge(self, prompt: str, step: Callable[[bytes], None]) -> None:
+        self._auth_step = step
+        encoded = base64.b64encode(prompt.encode()).decode() if prompt else ""
+        self._write_raw(f"334 {encoded}\r\n")
+
+    def _decode(self, data: bytes) -> bytes | None:
+        """Base64 of an AUTH response; None after answering an error."""
+        if data == b"*":
+            self._error(Reply(501, "5.0.0", "Authentication cancelled"))
+            return None
+        if data == b"=":
+            return b""
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            self._error(Reply(501, "5.5.2", "Cannot decode AUTH response (bad base64)"))
+            return None
+
+    def _auth_plain(self, data: bytes) -> None:
+        decoded = self._decode(data)
+        if decoded is None:
+            return
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            self._error(Reply(501, "5.5.2", "Malformed AUTH PLAIN response"))
+            return
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            self._auth_check(user, b"\0invalid-authzid\0")
+            return
+        self._auth_check(user, password)
+
+    def _auth_login_user(self, data: bytes) -> None:
+        user = self._decode(data)
+        if user is None:
+            return
+        self._challenge("Password:", lambda line: self._auth_login_password(user, line))
+
+    def _auth_login_password(self, user: bytes, data: bytes) -> None:
+        password = self._decode(data)
+        if password is None:
+            return
+        self._auth_check(user, password)
+
+    def _auth_check(self, user_bytes: bytes, password_bytes: bytes) -> None:
+        from twisted.cred.credentials import UsernamePassword
+
+        user = user_bytes.decode("utf-8", "replace")
+        session = self.session
+        failures = self.gateway.auth_failures
+        if failures.blocked(session.peer, user):
+            self._auth_refused()
+            return
+        if not user or not password_bytes or b"\0invalid-authzid\0" == password_bytes:
+            d: Any = defer.fail(Exception("empty or invalid credentials"))
+        else:
+            d = defer.maybeDeferred(self.gateway.checker.requestAvatarId,
+                                    UsernamePassword(user_bytes, password_bytes))
+            d.addTimeout(self.limits.plugin_timeout, self.clock)
+
+        def succeeded(avatar: Any) -> None:
+            name = avatar.decode() if isinstance(avatar, bytes) else str(avatar)
+            session.auth_user = name
+            self.log.info("AUTH success user={user} client={client}", user=name, client=session.peer)
+            self._send(Reply(235, "2.7.0", "Authentication successful"))
+
+        def failed(failure: Any) -> Any:
+            delay = failures.record(session.peer, user)
+            self.log.info("AUTH failure user={user} client={client} failures={failures} delay={delay}",
+                          user=user, client=session.peer, failures=failures.failures(session.peer, user),
+                          delay=delay)
+            reply = Reply(535, "5.7.8", "Authentication credentials invalid")
+            if delay > 0:
+                from twisted.internet import task
+                return task.deferLater(self.clock, delay, lambda: reply)
+            return reply
+
+        def answer(reply: Any) -> None:
+            if isinstance(reply, Reply):
+                self._bad_commands += 1
+                self._send(reply)
+
+        d.addCallbacks(lambda avatar: succeeded(avatar), failed)
+        self._after(d, answer)
+
+    def _sender_allowed(self, sender: Mailbox | None) -> bool:
+        """An authenticated user may use only the senders granted to them
+        (Postfix reject_sender_login_mismatch); <> is always allowed."""
+        user = self.session.auth_user
+        if user is None or sender is None:
+            return True
+        granted = self.config.auth.senders.get(user)
+        if granted is None:
+            granted = (user.lower(),) if "@" in user else ()
+        address = str(sender).lower()
+        domain = "@" + sender.domain
+        return address in granted or domain in granted
 
     def _tls_required(self) -> bool:
         return self.listener.tls == "starttls-required" and self.session.tls is None
@@ -444,6 +613,9 @@ class GatewaySMTP(smtp.ESMTP):
         problem = self._mail_params(params)
         if problem is not None:
             self._error(problem)
+            return
+        if not self._sender_allowed(sender):
+            self._send(Reply(553, "5.7.1", f"Sender address <{sender}> not owned by user {self.session.auth_user}"))
             return
         size = params.get("SIZE")
         transaction = Transaction(sender=sender, mail_params=params,
@@ -491,9 +663,9 @@ class GatewaySMTP(smtp.ESMTP):
             return
         path = argument[3:].strip()
         if path.lower().startswith("<postmaster>"):
-            # RFC 5321 §4.1.1.3: the unqualified postmaster is always ours.
-            domain = next(iter(sorted(self.config.server.local_domains)), self.config.server.hostname).lstrip(".")
-            path = f"<postmaster@{domain}>" + path[len("<postmaster>"):]
+            # RFC 5321 §4.1.1.3: the unqualified postmaster is always ours;
+            # relay_guard treats postmaster@<hostname> as a local destination.
+            path = f"<postmaster@{self.config.server.hostname}>" + path[len("<postmaster>"):]
         try:
             mailbox, params = parse_path(path, smtputf8="SMTPUTF8" in transaction.mail_params)
         except AddressError as exc:
@@ -738,7 +910,8 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
 
     def __init__(self, listener: ListenerConfig, config: GatewayConfig, pipeline: Pipeline,
                  spool: Spool, clock: IReactorTime, limiter: ConnectionLimiter,
-                 tls_context: Any = None, on_queued: Callable[[str], None] | None = None) -> None:
+                 tls_context: Any = None, on_queued: Callable[[str], None] | None = None,
+                 checker: Any = None, auth_failures: Any = None) -> None:
         smtp.SMTPFactory.__init__(self)
         self.listener = listener
         self.config = config
@@ -749,6 +922,11 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         self.tls_context = tls_context
         self.open_connections: set[GatewaySMTP] = set()
         self._on_queued = on_queued
+        self.checker = checker
+        if auth_failures is None:
+            from gateway.credentials import FailureCounter
+            auth_failures = FailureCounter(clock)
+        self.auth_failures = auth_failures
 
     def buildProtocol(self, addr: Any) -> GatewaySMTP:
         protocol = GatewaySMTP(self)

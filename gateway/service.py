@@ -47,6 +47,7 @@ class Gateway:
     resolver: Any
     run_in_thread: Any
     recovered: dict[str, int] = field(default_factory=dict)
+    checker: Any = None
 
 
 def _check_port_free(config: GatewayConfig, listener: ListenerConfig) -> None:
@@ -99,7 +100,29 @@ def prepare(config_path: str, reactor: Any) -> Gateway:
         listener.name: registry.build_pipeline(listener, reactor, resolver, run_in_thread, built)
         for listener in config.listeners
     }
-    return Gateway(config, spool, registry, pipelines, tls_context, resolver, run_in_thread, recovered)
+    checker = make_checker(config, run_in_thread)
+    return Gateway(config, spool, registry, pipelines, tls_context, resolver, run_in_thread, recovered, checker)
+
+
+def make_checker(config: GatewayConfig, run_in_thread: Any) -> Any:
+    """The twisted.cred checker for SMTP AUTH: the users file, or a
+    C{twisted.cred.strcred} checker named by C{[auth] checker}."""
+    from gateway.credentials import UsersFile, UsersFileChecker, UsersFileError
+
+    if config.auth.users_file:
+        users = UsersFile(config.auth.users_file)
+        try:
+            users.users()
+        except (OSError, UsersFileError) as exc:
+            raise ConfigError(config.path, "[auth] users_file", str(exc)) from None
+        return UsersFileChecker(users, run_in_thread)
+    if config.auth.checker:
+        from twisted.cred import strcred
+        try:
+            return strcred.makeChecker(config.auth.checker)
+        except Exception as exc:
+            raise ConfigError(config.path, "[auth] checker", str(exc)) from None
+    return None
 
 
 class GatewayService(service.MultiService):
@@ -118,10 +141,17 @@ class GatewayService(service.MultiService):
         config = gateway.config
         self.limiter = ConnectionLimiter(config.limits.max_connections,
                                          config.limits.max_connections_per_ip)
+        from gateway.credentials import FailureCounter
+
+        auth = config.auth
+        self.auth_failures = FailureCounter(
+            reactor, window=auth.failure_window, delay_after=auth.delay_after,
+            max_failures=auth.max_failures, delay=auth.failure_delay)
         self.factories = {
             listener.name: GatewaySMTPFactory(
                 listener, config, gateway.pipelines[listener.name], gateway.spool, reactor,
-                self.limiter, gateway.tls_context, on_queued=self.message_queued)
+                self.limiter, gateway.tls_context, on_queued=self.message_queued,
+                checker=gateway.checker, auth_failures=self.auth_failures)
             for listener in config.listeners
         }
         self.ports: dict[str, Any] = {}

@@ -61,7 +61,8 @@ class Verdict:
         for name, value in self.add_headers:
             if not name or ":" in name or any(c in name for c in " \t\r\n"):
                 raise ValueError(f"bad header name {name!r}")
-            if "\r" in value or "\n" in value.replace("\r\n\t", "").replace("\r\n ", ""):
+            unfolded = value.replace("\r\n\t", "\t").replace("\r\n ", " ")
+            if "\r" in unfolded or "\n" in unfolded:
                 raise ValueError(f"bad header value for {name}")
 
     @property

@@ -39,6 +39,7 @@ class RelayGuard:
         server = context.config.server
         self._destinations = server.local_domains | server.relay_domains
         self._networks = server.trusted_networks
+        self._hostname = server.hostname.lower().rstrip(".")
 
     def is_trusted(self, session: Any) -> bool:
         """True for authenticated sessions and clients in trusted_networks."""
@@ -54,6 +55,8 @@ class RelayGuard:
         from gateway.address import domain_matches
         if mailbox.routed or mailbox.is_literal:
             return False
+        if mailbox.local.lower() == "postmaster" and mailbox.domain == self._hostname:
+            return True  # RFC 5321 §4.1.1.3: "RCPT TO:<postmaster>" is always ours
         return domain_matches(mailbox.domain, self._destinations)
 
     def check_relay(self, session: Any, transaction: Any, recipient: Any) -> Verdict:

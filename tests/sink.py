@@ -8,6 +8,7 @@ STARTTLS and AUTH.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -44,6 +45,11 @@ class SinkHandler:
     data_replies: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     arrived: threading.Condition | None = None
+    #: Seconds to wait after the content arrived before answering DATA (a
+    #: slow next hop).  aiosmtpd cancels the handler when the client drops
+    #: the connection meanwhile, so a message cut off this way is not
+    #: recorded.
+    data_delay: float = 0.0
 
     def __post_init__(self) -> None:
         self.arrived = threading.Condition(self.lock)
@@ -59,6 +65,8 @@ class SinkHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         with self.lock:
             if self.data_replies:
                 reply = self.data_replies.pop(0)

@@ -35,6 +35,8 @@ from gateway.config import (
 PATH = "/etc/mailgateway/gateway.toml"
 
 SERVER = {"hostname": "mx.example.test"}
+# An auth listener needs somewhere to check passwords.
+AUTH = {"users_file": "/etc/mailgateway/users"}
 
 
 def doc(**sections: Any) -> dict[str, Any]:
@@ -177,7 +179,7 @@ def test_listener_keys():
         {"name": "smtps", "address": "*", "port": 465, "tls": "implicit", "auth": True,
          "submission": False},
         {"name": "test", "port": 0},
-    ])
+    ], auth=AUTH)
     mx, sub, smtps, test = config.listeners
     assert mx == ListenerConfig("mx", "0.0.0.0", 25, "starttls", False, False, ("relay_guard", "spf"))
     assert sub == ListenerConfig("submission", "::", 587, "starttls-required", True, True, ("relay_guard",))
@@ -380,14 +382,15 @@ def test_plugin_named_twice():
 def test_auth_without_tls_refused():
     """auth = true on a listener with tls = "none" is refused: no AUTH in
     plaintext."""
-    text = error(listener=[{"name": "sub", "port": 587, "auth": True, "tls": "none"}])
+    text = error(listener=[{"name": "sub", "port": 587, "auth": True, "tls": "none"}], auth=AUTH)
     assert text.startswith(f"{PATH}: [[listener]] 'sub' auth: AUTH is offered only over TLS")
 
 
 @pytest.mark.parametrize("tls", ["starttls", "starttls-required", "implicit"])
 def test_auth_with_tls_accepted(tls):
     """auth = true with any TLS mode is accepted, and implies submission."""
-    listener = parse(listener=[{"name": "sub", "port": 587, "auth": True, "tls": tls}]).listeners[0]
+    listener = parse(listener=[{"name": "sub", "port": 587, "auth": True, "tls": tls}],
+                     auth=AUTH).listeners[0]
     assert listener.auth is True
     assert listener.submission is True
 
@@ -668,5 +671,5 @@ def test_every_limit_field_is_configurable():
 def test_unknown_key_in_second_listener():
     """The error for the second listener names that listener."""
     text = error(listener=[{"name": "mx", "port": 25}, {"name": "sub", "port": 587, "tls": "starttls",
-                                                          "auth": True, "sasl": "yes"}])
+                                                          "auth": True, "sasl": "yes"}], auth=AUTH)
     assert text == f"{PATH}: [[listener]] 'sub' sasl: unknown key"

@@ -363,10 +363,6 @@ def test_non_verdict_from_deferred_fails_closed():
     assert result_of(d).reply == R.PLUGIN_FAILED
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/pipeline.py Pipeline._judge: 'if isinstance(result, Outcome): return "
-    "result' passes a plugin-returned Outcome through unchecked (bypassing "
-    "mode=warn and soft_bounce); no internal caller needs that branch"))
 def test_outcome_returned_by_plugin_fails_closed():
     """An internal Outcome returned by a plugin is not a Verdict either: it
     fails closed instead of ending the stage as the plugin says."""

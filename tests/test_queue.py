@@ -246,7 +246,9 @@ def test_open_message_gives_distinct_ids(spool: Spool) -> None:
         writer.abort()
 
 
-def test_open_message_retries_on_id_collision(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_message_retries_on_id_collision(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """
     An id that is already taken in data/ is never reused: another is drawn.
     """
@@ -319,7 +321,8 @@ def write_limited(tmp_path: Path, when: str) -> dict[str, Any]:
             results = []
             spool.commit(writer, envelope).addBoth(results.append)
             outcome["commit"] = repr(results[0])
-            outcome["commit_is_queue_error"] = bool(getattr(results[0], "check", lambda t: 0)(QueueError))
+            failed = hasattr(results[0], "check")
+            outcome["commit_is_queue_error"] = failed and bool(results[0].check(QueueError))
         print(json.dumps(outcome))
         """
     )
@@ -617,15 +620,25 @@ def test_directory_fsync_failure_fails_the_whole_batch(
     assert files(spool, "data") == [] and files(spool, "incoming") == []
 
 
-def test_failing_thread_runner_fails_commits_cleanly(spool: Spool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("failing_step", ["_stage", "_commit_batch"])
+def test_failing_thread_runner_fails_commits_cleanly(tmp_path: Path, failing_step: str) -> None:
     """
-    If the thread runner itself fails (a stopped pool), the commit fails and
-    the temporary file is removed.
+    If the thread runner itself fails (a stopped pool) for either step, the
+    commit fails with that error, the message's files are removed, and the
+    spool is idle again.
     """
-    spool = make_spool(tmp_path / "other", lambda f, *a: fail(RuntimeError("pool stopped")))
+
+    def runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if f.__name__ == failing_step:
+            return fail(RuntimeError("pool stopped"))
+        return maybeDeferred(f, *args)
+
+    spool = make_spool(tmp_path / "spool", runner)
     writer = receive(spool)
     failure_of(spool.commit(writer, make_envelope(writer.queue_id)), RuntimeError)
-    assert files(spool, "tmp") == [] and files(spool, "data") == []
+    for name in ("tmp", "data", "incoming"):
+        assert files(spool, name) == []
+    assert has_result(spool.drain())
 
 
 def test_invalid_envelope_fails_commit_and_aborts(spool: Spool) -> None:

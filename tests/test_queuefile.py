@@ -93,7 +93,9 @@ header_fields = st.builds(
     st.from_regex(r"[!-9;-~]{1,20}", fullmatch=True),
     st.text(alphabet=st.characters(blacklist_characters="\r\n")),
     st.lists(
-        st.tuples(st.sampled_from([" ", "\t"]), st.text(st.characters(blacklist_characters="\r\n"))),
+        st.tuples(
+            st.sampled_from([" ", "\t"]), st.text(st.characters(blacklist_characters="\r\n"))
+        ),
         max_size=3,
     ),
 )
@@ -299,7 +301,13 @@ def changed(**changes: Any) -> dict[str, Any]:
         (
             changed(
                 recipients=[
-                    {"address": "a@b", "status": "pending", "attempts": 0, "last_reply": None, "x": 1}
+                    {
+                        "address": "a@b",
+                        "status": "pending",
+                        "attempts": 0,
+                        "last_reply": None,
+                        "x": 1,
+                    }
                 ]
             ),
             "unknown x",
@@ -455,7 +463,9 @@ def test_queue_id_refuses_impossible_times(now: float) -> None:
         new_queue_id(now)
 
 
-@pytest.mark.parametrize("value", ["", "0123456789ABCDEW", "0123456789ABCDE", "../0123456789ABC", 7, None])
+@pytest.mark.parametrize(
+    "value", ["", "0123456789ABCDEW", "0123456789ABCDE", "../0123456789ABC", 7, None]
+)
 def test_is_queue_id_rejects_other_values(value: object) -> None:
     """
     Anything that is not exactly a queue id, in particular a path, is not

@@ -139,16 +139,6 @@ def test_soften_leaves_non_permanent_replies_alone(reply):
     assert soften(reply) is reply
 
 
-def test_standard_replies_carry_enhanced_status():
-    """Every standard reply except 3xx has an enhanced status code."""
-    replies = [v for v in vars(R).values() if isinstance(v, Reply)]
-    assert len(replies) > 20
-    for reply in replies:
-        if 300 <= reply.code < 400:
-            continue
-        assert reply.status, reply
-
-
 # -- Verdict ------------------------------------------------------------------
 
 
@@ -254,10 +244,6 @@ def test_header_value_with_bare_line_break_refused(value):
         accept(add_headers=(("X-Test", value),))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/verdict.py Verdict.__post_init__ checks '\\r' in the *original* value, "
-    "so a correctly folded value (CRLF followed by WSP) is refused although the "
-    "unfolding replace() on the same line shows it is meant to be allowed"))
 def test_folded_header_value_accepted():
     """A header value folded with CRLF + tab or CRLF + space is allowed."""
     verdict = cont((("X-Report", "first part\r\n\tsecond part\r\n third"),))

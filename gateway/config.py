@@ -89,10 +89,15 @@ class ListenerConfig:
 
 @dataclass(frozen=True, slots=True)
 class TLSConfig:
-    """C{[tls]}: the server certificate (PEM, chain allowed) and key."""
+    """C{[tls]}: the server certificate (PEM, chain allowed) and key, and
+    more pairs chosen by the name the client asks for (SNI).
+
+    @ivar sni: server name (lower case) -> (cert, key).
+    """
 
     cert: str
     key: str
+    sni: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,9 +529,20 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         seen[listener.name] = 1
 
     t = _Table(path, "[tls]", top.get("tls", dict, {}))
+    sni: dict[str, tuple[str, str]] = {}
+    for name, pair in t.get("sni", dict, {}).items():
+        sub = _Table(path, f"[tls.sni.{name!r}]", pair)
+        cert = _path(base, sub.get("cert", str, required=True))
+        key = _path(base, sub.get("key", str, required=True))
+        for key_name, file in (("cert", cert), ("key", key)):
+            if not os.path.isfile(file):
+                raise sub.error(key_name, f"no such file: {file}")
+        sub.finish()
+        sni[name.lower().rstrip(".")] = (cert, key)
     tls = TLSConfig(
         cert=_path(base, t.get("cert", str, "var/tls/cert.pem")),
         key=_path(base, t.get("key", str, "var/tls/key.pem")),
+        sni=sni,
     )
     t.finish()
 

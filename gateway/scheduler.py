@@ -336,15 +336,16 @@ class DeliveryScheduler(service.Service):
             reply = local_failure("4.3.0", f"cannot read queued content: {exc.strerror}")
             results = [RecipientResult(r, reply) for r in job.recipients]
         remote = f"{connection.host}[{connection.address}]:{connection.port}"
-        for result in results:
-            self.log.info(
-                "{queue_id} to=<{rcpt}> relay={relay} tls={tls} verified={verified} delay={delay:.1f} "
-                "result={result} reply=\"{reply}\"",
-                queue_id=envelope.queue_id, rcpt=result.address, relay=remote,
-                tls=connection.tls_version or "no", verified="yes" if connection.tls_verified else "no",
-                delay=self.now() - envelope.received_at, attempt_time=self.clock.seconds() - started,
-                result="sent" if result.delivered else ("bounced" if result.permanent or permanent_error else "deferred"),
-                reply=str(result.reply))
+        outcome = {r.address: ("sent" if r.delivered else "bounced" if (r.permanent or permanent_error)
+                               else "deferred") for r in results}
+        replies = {str(r.reply) for r in results}
+        self.log.info(
+            "{queue_id} relay={relay} tls={tls} verified={verified} delay={delay:.1f}s "
+            "rcpt=[{rcpt}] reply=\"{reply}\"",
+            queue_id=envelope.queue_id, relay=remote, tls=connection.tls_version or "no",
+            verified="yes" if connection.tls_verified else "no",
+            delay=self.now() - envelope.received_at, attempt_time=self.clock.seconds() - started,
+            rcpt=" ".join(f"<{a}>:{o}" for a, o in outcome.items()), reply=" | ".join(sorted(replies)))
         self._job_done(job, [(r, connection.host, permanent_error or r.permanent) for r in results])
 
     def _fail_queued(self, queue: _DestinationQueue, reply: ServerReply, host: str | None, permanent: bool) -> None:
@@ -423,6 +424,7 @@ class DeliveryScheduler(service.Service):
         if not pending:
             self.spool.remove(message.queue_id)
             self.stats["done"] += 1
+            self.log.info("{queue_id} removed: all recipients done", queue_id=message.queue_id)
             return "done", 0.0, bounce
         if self.stopping and not message.attempted:
             envelope.next_attempt = now
@@ -430,6 +432,9 @@ class DeliveryScheduler(service.Service):
             envelope.next_attempt = now + next_delay(self.policy, max(envelope.attempts, 1), self.rng)
         self.spool.update(message.queue_id, "active", envelope)
         self.spool.move(message.queue_id, "active", "deferred", sync=True)
+        self.log.info("{queue_id} deferred: {pending} recipient(s) left, attempt {attempts}, next attempt in {wait:.0f}s",
+                      queue_id=message.queue_id, pending=len(pending), attempts=envelope.attempts,
+                      wait=envelope.next_attempt - now, next_attempt=envelope.next_attempt)
         return "deferred", envelope.next_attempt, bounce
 
     def _build_bounce(self, envelope: Envelope, failed: list[FailedRecipient], now: float) -> tuple[Envelope, bytes] | None:

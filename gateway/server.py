@@ -153,6 +153,12 @@ class GatewaySMTP(smtp.ESMTP):
         self._write_raw(f"220 {self.config.server.hostname} ESMTP mailgateway\r\n")
 
     def connectionLost(self, reason: Any = None) -> None:
+        if reason is not None and self.session is not None and self.state != CLOSED:
+            from OpenSSL import SSL
+
+            if reason.check(SSL.Error):
+                self.log.info("TLS handshake or session failed with {client}: {reason}",
+                              client=self.session.peer, reason=str(reason.value)[:200])
         self.state = CLOSED
         self._cancel_timer()
         if self._data is not None:

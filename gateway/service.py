@@ -28,7 +28,7 @@ from gateway.pipeline import Pipeline
 from gateway.queue import Spool
 from gateway.registry import PluginRegistry
 from gateway.server import ConnectionLimiter, GatewaySMTPFactory
-from gateway.tls import ensure_certificate, server_context_factory
+from gateway.tls import ensure_certificate, server_tls
 
 
 class StartupError(Exception):
@@ -77,7 +77,7 @@ def prepare(config_path: str, reactor: Any) -> Gateway:
         except OSError as exc:
             raise ConfigError(config.path, "[tls] cert", f"cannot create a self-signed certificate: {exc}") from None
         try:
-            tls_context = server_context_factory(config.tls.cert, config.tls.key)
+            tls_context = server_tls(config.tls.cert, config.tls.key, dict(config.tls.sni))
         except ValueError as exc:
             raise ConfigError(config.path, "[tls] cert", str(exc)) from None
     run_in_thread = functools.partial(threads.deferToThreadPool, reactor, reactor.getThreadPool())

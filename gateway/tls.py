@@ -112,6 +112,40 @@ def server_context_factory(cert_path: str, key_path: str) -> ssl.CertificateOpti
         raise ValueError(f"certificate and key do not match or are unusable: {exc}") from None
 
 
+class SNIContextFactory:
+    """A server context factory that picks the certificate by the name the
+    client sent in SNI (RFC 6066 §3), falling back to the default pair.
+
+    Twisted asks C{getContext()} for every connection; the servername
+    callback then swaps in the matching context during the handshake.
+    """
+
+    def __init__(self, default: ssl.CertificateOptions, by_name: dict[str, ssl.CertificateOptions]) -> None:
+        self.default = default
+        self.by_name = {name: options.getContext() for name, options in by_name.items()}
+        self._context = default.getContext()
+        self._context.set_tlsext_servername_callback(self._pick)
+
+    def _pick(self, connection: Any) -> None:
+        name = connection.get_servername()
+        if not name:
+            return
+        context = self.by_name.get(name.decode("ascii", "replace").lower().rstrip("."))
+        if context is not None:
+            connection.set_context(context)
+
+    def getContext(self) -> Any:
+        return self._context
+
+
+def server_tls(cert_path: str, key_path: str, sni: dict[str, tuple[str, str]]) -> Any:
+    """The server context factory for C{[tls]}: one pair, or one per SNI name."""
+    default = server_context_factory(cert_path, key_path)
+    if not sni:
+        return default
+    return SNIContextFactory(default, {name: server_context_factory(c, k) for name, (c, k) in sni.items()})
+
+
 def tls_info(transport: object) -> TLSInfo | None:
     """What a finished handshake negotiated, or None when not on TLS."""
     handle = getattr(transport, "getHandle", None)

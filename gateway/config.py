@@ -118,6 +118,7 @@ class DNSConfig:
 
     servers: tuple[tuple[str, int], ...] = ()
     timeout: float = 10.0
+    reverse_lookup: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,7 +577,8 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         if not _is_ip(host):
             raise t.error("servers", f"a DNS server must be an IP address: {item!r}")
         servers.append((host, port))
-    dns = DNSConfig(servers=tuple(servers), timeout=t.convert("timeout", parse_duration, DNSConfig().timeout))
+    dns = DNSConfig(servers=tuple(servers), timeout=t.convert("timeout", parse_duration, DNSConfig().timeout),
+                    reverse_lookup=t.get("reverse_lookup", bool, True))
     t.finish()
 
     t = _Table(path, "[relay]", top.get("relay", dict, {}))

@@ -127,6 +127,36 @@ async def lookup_addresses(resolver: IResolver, host: str) -> list[str]:
     return []
 
 
+def reverse_pointer(ip: str) -> str:
+    """The in-addr.arpa / ip6.arpa name of an address (RFC 1035 §3.5, RFC 3596 §2.5)."""
+    import ipaddress
+
+    return ipaddress.ip_address(ip).reverse_pointer
+
+
+async def reverse_name(resolver: IResolver, ip: str) -> str | None:
+    """The client's verified reverse name, or None.
+
+    A PTR name counts only when it resolves forward to the same address
+    (forward-confirmed reverse DNS, as Postfix's C{reverse_client_name}
+    check): anyone can publish any PTR for their own addresses.  Every
+    failure gives None, never an exception: a missing name is normal.
+    """
+    try:
+        names = await _lookup(resolver, reverse_pointer(ip), dns.PTR)
+    except (DNSTemporaryError, DNSPermanentError, ValueError):
+        return None
+    for record in names[:5]:
+        name = _name_text(record.name.name)
+        try:
+            addresses = await lookup_addresses(resolver, name)
+        except (DNSTemporaryError, DNSPermanentError):
+            continue
+        if ip in addresses:
+            return name
+    return None
+
+
 async def _lookup(resolver: IResolver, name: str, rtype: int) -> list[Any]:
     """The payloads of type C{rtype} for C{name}, following CNAMEs.
 
@@ -138,6 +168,7 @@ async def _lookup(resolver: IResolver, name: str, rtype: int) -> list[Any]:
         dns.A: resolver.lookupAddress,
         dns.AAAA: resolver.lookupIPV6Address,
         dns.MX: resolver.lookupMailExchange,
+        dns.PTR: resolver.lookupPointer,
     }[rtype]
     target = _name_text(name)
     seen = {target}

@@ -45,7 +45,7 @@ from gateway.queuefile import Envelope, EnvelopeRecipient
 from gateway.reply import Reply
 from gateway.session import Recipient, Session, Transaction
 from gateway.tls import tls_info
-from gateway.trace import message_id, received_header
+from gateway.trace import authentication_results, message_id, received_header, strip_forged_results
 from gateway.verdict import Action
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -141,6 +141,21 @@ class GatewaySMTP(smtp.ESMTP):
         if self.listener.tls == "implicit":
             self._tls_pending = True
         self._restart_timer()
+        self._busy = True
+        resolver = self.gateway.resolver
+        if resolver is not None and self.config.dns.reverse_lookup:
+            from gateway.dns import reverse_name
+
+            lookup = defer.ensureDeferred(reverse_name(resolver, host))
+            lookup.addTimeout(self.config.dns.timeout, self.clock)
+            lookup.addErrback(lambda failure: None)
+            self._after(lookup, self._named)
+        else:
+            self._named(None)
+
+    def _named(self, name: str | None) -> None:
+        """The reverse lookup is done: run the connect stage."""
+        self.session.peer_name = name
         self._busy = True
         self._after(self.pipeline.run("connect", self.session), self._connected)
 
@@ -517,6 +532,9 @@ class GatewaySMTP(smtp.ESMTP):
         decoded = self._decode(data)
         if decoded is None:
             return
+        if not decoded:
+            self._auth_check(b"", b"")  # an empty response is a failed login (RFC 4954 §4)
+            return
         parts = decoded.split(b"\0")
         if len(parts) != 3:
             self._error(Reply(501, "5.5.2", "Malformed AUTH PLAIN response"))
@@ -733,6 +751,8 @@ class GatewaySMTP(smtp.ESMTP):
         self._data = _DataState(writer, self.config.server.max_message_size,
                                 self.limits.max_text_line, self.limits.max_header_size)
         self._data.started = time.time()
+        if not self.listener.submission:
+            self._data.authserv_id = self.config.server.hostname
         self.state = DATA
         self._restart_timer()
         self._send(R.START_DATA)
@@ -762,6 +782,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._data = None
         session, transaction = self.session, self.transaction
         self.transaction = None
+        data.finish()
         problem = data.problem()
         if problem is not None:
             data.abort()
@@ -789,6 +810,12 @@ class GatewaySMTP(smtp.ESMTP):
                 self._log_transaction(session, transaction, outcome.reply, data.decoder.size)
                 return outcome.reply, outcome.disconnect
             added.extend(outcome.add_headers)
+        if not self.listener.submission:
+            added.insert(0, ("Authentication-Results",
+                             authentication_results(self.config.server.hostname, transaction.notes)))
+        if data.forged_removed:
+            self.log.info("{queue_id}: removed {count} forged Authentication-Results header(s)",
+                          queue_id=transaction.queue_id, count=data.forged_removed)
         envelope = self._envelope(session, transaction, headers, added, data)
         try:
             queue_id = await self.gateway.spool.commit(data.writer, envelope)
@@ -859,31 +886,50 @@ class _DataState:
         self.max_header = max_header
         self.storage_error: QueueError | None = None
         self.started = 0.0
+        self.authserv_id: str | None = None
+        self.forged_removed = 0
 
     def add(self, content: bytes) -> None:
+        """Take decoded content: held back until the header block is
+        complete (so forged Authentication-Results can be dropped), then
+        streamed to the spool file."""
+        if self.headers_done:
+            self._write(content)
+            return
+        start = max(0, len(self.header_block) - 3)
+        self.header_block += content
+        if self.header_block.startswith(b"\r\n"):
+            self._release(0)
+            return
+        end = self.header_block.find(b"\r\n\r\n", start)
+        if end >= 0:
+            self._release(end + 2)
+        elif len(self.header_block) > self.max_header:
+            self.header_too_big = True
+            self.headers_done = True
+            held, self.header_block = bytes(self.header_block), bytearray()
+            self._write(held)
+
+    def finish(self) -> None:
+        """End of DATA: a message that is all header is released now."""
         if not self.headers_done:
-            self._collect_headers(content)
-        if self.storage_error is None:
+            self._release(len(self.header_block))
+
+    def _release(self, header_end: int) -> None:
+        held = bytes(self.header_block)
+        header, rest = held[:header_end], held[header_end:]
+        if self.authserv_id and b"authentication-results" in header.lower():
+            header, self.forged_removed = strip_forged_results(header, self.authserv_id)
+        self.header_block = bytearray(header + b"\r\n")
+        self.headers_done = True
+        self._write(header + rest)
+
+    def _write(self, content: bytes) -> None:
+        if self.storage_error is None and content:
             try:
                 self.writer.write(content)
             except QueueError as exc:
                 self.storage_error = exc
-
-    def _collect_headers(self, content: bytes) -> None:
-        start = max(0, len(self.header_block) - 3)
-        self.header_block += content
-        if self.header_block.startswith(b"\r\n"):
-            del self.header_block[:]
-            self.headers_done = True
-            return
-        end = self.header_block.find(b"\r\n\r\n", start)
-        if end >= 0:
-            del self.header_block[end + 4:]
-            self.headers_done = True
-        elif len(self.header_block) > self.max_header:
-            self.header_too_big = True
-            self.headers_done = True
-            del self.header_block[:]
 
     def problem(self) -> Reply | None:
         """The reply for a message that must not be queued, or None."""
@@ -917,7 +963,7 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
     def __init__(self, listener: ListenerConfig, config: GatewayConfig, pipeline: Pipeline,
                  spool: Spool, clock: IReactorTime, limiter: ConnectionLimiter,
                  tls_context: Any = None, on_queued: Callable[[str], None] | None = None,
-                 checker: Any = None, auth_failures: Any = None) -> None:
+                 checker: Any = None, auth_failures: Any = None, resolver: Any = None) -> None:
         smtp.SMTPFactory.__init__(self)
         self.listener = listener
         self.config = config
@@ -929,6 +975,7 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         self.open_connections: set[GatewaySMTP] = set()
         self._on_queued = on_queued
         self.checker = checker
+        self.resolver = resolver
         if auth_failures is None:
             from gateway.credentials import FailureCounter
             auth_failures = FailureCounter(clock)

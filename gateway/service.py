@@ -151,7 +151,7 @@ class GatewayService(service.MultiService):
             listener.name: GatewaySMTPFactory(
                 listener, config, gateway.pipelines[listener.name], gateway.spool, reactor,
                 self.limiter, gateway.tls_context, on_queued=self.message_queued,
-                checker=gateway.checker, auth_failures=self.auth_failures)
+                checker=gateway.checker, auth_failures=self.auth_failures, resolver=gateway.resolver)
             for listener in config.listeners
         }
         self.ports: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import secrets
+from typing import Any
 
 
 def format_date(now: float) -> str:
@@ -56,3 +57,66 @@ def message_id(queue_id: str, hostname: str) -> str:
 def _clean(text: str) -> str:
     """Keep a client-supplied name from breaking the header's syntax."""
     return "".join(c if 32 < ord(c) < 127 and c not in "()\\" else "?" for c in text)[:255]
+
+
+def strip_forged_results(header: bytes, authserv_id: str) -> tuple[bytes, int]:
+    """Remove C{Authentication-Results:} fields that claim our authserv-id.
+
+    RFC 8601 §5: a border MTA must delete such fields arriving from outside,
+    or downstream filters would trust a forgery.  Fields of other
+    authserv-ids are kept.  C{header} is the header block (fields with
+    their CRLFs, without the blank line).
+
+    @return: the header block without them, and how many were removed.
+    """
+    ours = authserv_id.lower().rstrip(".")
+    out: list[bytes] = []
+    removed = 0
+    keep = True
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                out.append(line)
+            continue
+        name, sep, value = line.partition(b":")
+        keep = True
+        if sep and name.strip().lower() == b"authentication-results":
+            claimed = value.split(b";", 1)[0].strip().split()
+            if claimed and claimed[0].decode("ascii", "replace").lower().rstrip(".") == ours:
+                keep = False
+                removed += 1
+        if keep:
+            out.append(line)
+    return b"\r\n".join(out), removed
+
+
+def authentication_results(authserv_id: str, notes: Any) -> str:
+    """The value of our one C{Authentication-Results:} field (RFC 8601),
+    from what the spf, dkim_verify and dmarc plugins recorded in
+    C{transaction.notes}; C{none} when no method ran."""
+    parts: list[str] = []
+    spf = notes.get("spf") if "spf" in notes else None
+    if spf:
+        ptype = "smtp.helo" if spf.get("identity") == "helo" else "smtp.mailfrom"
+        parts.append(f"spf={spf.get('result', 'none')} {ptype}={spf.get('domain') or 'unknown'}")
+    dkim = notes.get("dkim") if "dkim" in notes else None
+    if isinstance(dkim, dict):
+        dkim = dkim.get("signatures", [])
+    for signature in dkim or []:
+        item = f"dkim={signature.get('result', 'none')}"
+        if signature.get("domain"):
+            item += f" header.d={signature['domain']}"
+        if signature.get("selector"):
+            item += f" header.s={signature['selector']}"
+        if signature.get("algorithm"):
+            item += f" header.a={signature['algorithm']}"
+        parts.append(item)
+    dmarc = notes.get("dmarc") if "dmarc" in notes else None
+    if dmarc:
+        comment = ""
+        if dmarc.get("policy"):
+            comment = f" (p={dmarc['policy']} dis={dmarc.get('disposition') or 'none'})"
+        parts.append(f"dmarc={dmarc.get('result', 'none')}{comment} header.from={dmarc.get('domain') or 'unknown'}")
+    if not parts:
+        return f"{authserv_id}; none"
+    return f"{authserv_id};\r\n\t" + ";\r\n\t".join(parts)

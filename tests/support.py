@@ -72,7 +72,7 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
                       "plugins": ["relay_guard"]}],
         "tls": {"cert": str(tmp_path / "tls" / "cert.pem"), "key": str(tmp_path / "tls" / "key.pem")},
         "queue": {"path": str(tmp_path / "spool")},
-        "dns": {"servers": ["127.0.0.1:1"], "timeout": 2},
+        "dns": {"servers": ["127.0.0.1:1"], "timeout": 2, "reverse_lookup": False},
         # Receiving tests look at the spool; delivery tests turn this on.
         "relay": {"enabled": False},
     }

@@ -462,7 +462,8 @@ def test_plugin_headers_reach_the_envelope(tmp_path):
     assert QUEUED.fullmatch(c.send(MESSAGE + b".\r\n"))
     [(envelope, content)] = queued(gw.spool_path)
     assert envelope.prepend_headers[0].startswith("Received: ")
-    assert envelope.prepend_headers[1:] == ["X-Mail-Check: pass", "X-Rcpt-Check: bob@example.test"]
+    assert envelope.prepend_headers[1] == "Authentication-Results: mx.example.test; none"
+    assert envelope.prepend_headers[2:] == ["X-Mail-Check: pass", "X-Rcpt-Check: bob@example.test"]
     assert content == MESSAGE
 
 

@@ -66,7 +66,7 @@ def sinks():
 
 def relay_config(tmp_path, dns, sink_port, **relay):
     doc = base_config(tmp_path, server={"trusted_networks": ["127.0.0.0/8"]})
-    doc["dns"] = {"servers": [dns.address], "timeout": 2}
+    doc["dns"] = {"servers": [dns.address], "timeout": 2, "reverse_lookup": False}
     doc["relay"] = {"enabled": True, "port": sink_port, "tls": "none", "connection_idle": 0.2, **relay}
     doc["queue"]["scan_interval"] = 0.2
     return doc

@@ -432,3 +432,58 @@ async def test_submission_listener_adds_date_and_message_id(start_gateway, tmp_p
     assert any(h.startswith("Date: ") for h in bare)
     assert any(re.match(r"Message-ID: <[^@>]+@mx\.example\.test>$", h) for h in bare)
     assert not any(h.startswith(("Date:", "Message-ID:")) for h in full)
+
+
+@pytest_twisted.ensureDeferred
+async def test_received_header_names_forward_confirmed_client(start_gateway, tmp_path):
+    """With reverse_lookup on, the Received header carries the client's PTR
+    name when it resolves back to the client's address, and "unknown"
+    when it does not (a forged PTR)."""
+    from tests.dnsserver import TestDNS
+
+    dns_server = TestDNS()
+    dns_server.start()
+    try:
+        dns_server.add("7.0.0.127.in-addr.arpa", "PTR", "client7.example.org")
+        dns_server.add("client7.example.org", "A", "127.0.0.7")
+        dns_server.add("8.0.0.127.in-addr.arpa", "PTR", "liar.example.org")
+        dns_server.add("liar.example.org", "A", "192.0.2.1")
+        service = start_gateway(dns={"servers": [dns_server.address], "timeout": 2, "reverse_lookup": True})
+        port = service.port_of("mx")
+
+        def talk(source):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0)) as smtp:
+                smtp.sendmail("a@example.org", ["b@example.test"], message(source))
+
+        await in_thread(talk, "127.0.0.7")
+        await in_thread(talk, "127.0.0.8")
+    finally:
+        await dns_server.stop()
+    received = sorted(e.prepend_headers[0] for e, _ in queued(tmp_path / "spool"))
+    assert any("(client7.example.org [127.0.0.7])" in r for r in received), received
+    assert any("(unknown [127.0.0.8])" in r for r in received), received
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_authentication_results_removed(start_gateway, tmp_path):
+    """On the MX listener an incoming Authentication-Results that claims our
+    authserv-id (the hostname) is removed, one for another authserv-id is
+    kept, and exactly one of ours is added."""
+    service = start_gateway()
+    port = service.port_of("mx")
+    content = (b"Authentication-Results: MX.example.test; spf=pass smtp.mailfrom=evil.example;\r\n"
+               b"\tdkim=pass header.d=bank.example\r\n"
+               b"Authentication-Results: other.example; spf=fail smtp.mailfrom=x.example\r\n"
+               b"Subject: forged\r\n\r\nbody\r\n")
+
+    def talk():
+        with client(port) as smtp:
+            smtp.sendmail("a@example.org", ["b@example.test"], content)
+
+    await in_thread(talk)
+    [(envelope, stored)] = queued(tmp_path / "spool")
+    assert b"bank.example" not in stored and b"MX.example.test" not in stored
+    assert stored == (b"Authentication-Results: other.example; spf=fail smtp.mailfrom=x.example\r\n"
+                      b"Subject: forged\r\n\r\nbody\r\n")
+    ours = [h for h in envelope.prepend_headers if h.startswith("Authentication-Results:")]
+    assert ours == ["Authentication-Results: mx.example.test; none"]

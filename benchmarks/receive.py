@@ -388,9 +388,16 @@ class GatewayPeer(Peer):
             'path = "%s"' % os.path.join(self.workdir, "spool"),
             "",
             "[dns]",
-            "# Nothing listens there: no DNS query leaves the machine.",
+            "# Nothing listens there: no DNS query leaves the machine.  No reverse",
+            "# lookup of the client (it would only time out against that server).",
             'servers = ["127.0.0.1:%d"]' % self.args.gateway_dns_port,
             "timeout = 2",
+            "reverse_lookup = false",
+            "",
+            "[relay]",
+            "# Receive only: mail stays in the spool, as in the Postfix peer's hold",
+            "# queue; no delivery competes with reception for the CPU.",
+            "enabled = false",
             "",
         ]
         return "\n".join(lines)
@@ -934,8 +941,8 @@ def print_summary(args: argparse.Namespace, summary: dict) -> None:
             fmt(s["cpu_ms_per_msg"], "%.2f"), fmt(s["background_cores"], "%.2f")))
     log("(msgs/s = messages / smtp-source wall time; p50/p99 = latency probe; peak RSS = sum of")
     log(" VmRSS over the server's processes, sampled; HWM = VmHWM of its main process, reset after")
-    log(" start-up, so warm-up + load only; cpu = server CPU")
-    log(" per message; bg cores = CPU used meanwhile by other work on the machine)")
+    log(" start-up, so warm-up + load only; cpu = server CPU per message; bg cores = CPU used")
+    log(" meanwhile by other work on the machine)")
     log("start-up VmHWM of the main process (before the reset): " + ", ".join(
         "%s %s MB" % (n, fmt(summary[n].get("startup_hwm_mb"))) for n in args.peer_list
         if summary[n].get("rounds_ok")))
@@ -1061,8 +1068,13 @@ def machine_info() -> dict:
     return info
 
 
+def _terminate(signum, frame):  # SIGTERM: clean up like on Ctrl-C
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     problems = preflight(args)
     if problems:
         for msg in problems:

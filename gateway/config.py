@@ -640,7 +640,14 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         if not isinstance(allowed, list) or not all(isinstance(a, str) and "@" in a for a in allowed):
             raise ConfigError(path, f"[auth.senders] {user!r}",
                               "expected a list of addresses or \"@domain\" entries")
-        senders[user] = tuple(a.lower() for a in allowed)
+        granted = []
+        for entry in allowed:
+            local, _, domain = entry.rpartition("@")
+            try:
+                granted.append(f"{local.lower()}@{canonical_domain(domain)}")
+            except ValueError as exc:
+                raise ConfigError(path, f"[auth.senders] {user!r}", f"bad domain in {entry!r}: {exc}") from None
+        senders[user] = tuple(granted)
     da = AuthConfig()
     auth = AuthConfig(
         users_file=_path(base, users_file) if users_file else None, checker=checker, senders=senders,

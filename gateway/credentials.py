@@ -75,7 +75,7 @@ class UsersFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
 
     def users(self) -> dict[str, str]:
@@ -85,7 +85,7 @@ class UsersFile:
         except FileNotFoundError:
             self._stamp, self._users = None, {}
             return {}
-        stamp = (stat.st_mtime, stat.st_size)
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if stamp != self._stamp:
             self._users = self._parse()
             self._stamp = stamp

@@ -247,10 +247,11 @@ class GatewaySMTP(smtp.ESMTP):
             limit = self._line_limit()
             if end < 0:
                 if len(self._inbuf) > limit:
+                    auth_line = limit == AUTH_LINE_LIMIT
                     del self._inbuf[:]
                     if not self._discarding_line:
                         self._discarding_line = True
-                        self._line_too_long()
+                        self._line_too_long(auth_line)
                 return
             line = bytes(self._inbuf[:end + 1])
             del self._inbuf[:end + 1]
@@ -258,7 +259,7 @@ class GatewaySMTP(smtp.ESMTP):
                 self._discarding_line = False
                 continue
             if len(line) > limit:
-                self._line_too_long()
+                self._line_too_long(limit == AUTH_LINE_LIMIT)
                 continue
             if self._auth_step is not None:
                 step, self._auth_step = self._auth_step, None
@@ -275,8 +276,8 @@ class GatewaySMTP(smtp.ESMTP):
             return AUTH_LINE_LIMIT
         return self.limits.max_command_line
 
-    def _line_too_long(self) -> None:
-        if self._auth_step is not None:
+    def _line_too_long(self, auth_line: bool = False) -> None:
+        if self._auth_step is not None or auth_line:
             self._auth_step = None
             self._error(R.AUTH_LINE_TOO_LONG)
         else:
@@ -484,6 +485,9 @@ class GatewaySMTP(smtp.ESMTP):
             return
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
+        if not mechanism:
+            self._error(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            return
         if mechanism not in ("PLAIN", "LOGIN"):
             self._error(Reply(504, "5.5.4", "Unrecognized authentication type"))
             return
@@ -567,7 +571,8 @@ class GatewaySMTP(smtp.ESMTP):
             self._auth_refused()
             return
         if not user or not password_bytes or b"\0invalid-authzid\0" == password_bytes:
-            d: Any = defer.fail(Exception("empty or invalid credentials"))
+            from twisted.cred.error import UnauthorizedLogin
+            d: Any = defer.fail(UnauthorizedLogin("empty or invalid credentials"))
         else:
             d = defer.maybeDeferred(self.gateway.checker.requestAvatarId,
                                     UsernamePassword(user_bytes, password_bytes))
@@ -580,6 +585,14 @@ class GatewaySMTP(smtp.ESMTP):
             self._send(Reply(235, "2.7.0", "Authentication successful"))
 
         def failed(failure: Any) -> Any:
+            from twisted.cred.error import UnauthorizedLogin
+
+            if not failure.check(UnauthorizedLogin):
+                # The checker itself failed (users file broken, time-out):
+                # not the client's fault, so nothing is counted against it.
+                self.log.failure("AUTH checker failed for user={user} client={client}: {reason}", failure,
+                                 user=user, client=session.peer, reason=str(failure.value))
+                return Reply(454, "4.7.0", "Temporary authentication failure")
             delay = failures.record(session.peer, user)
             self.log.info("AUTH failure user={user} client={client} failures={failures} delay={delay}",
                           user=user, client=session.peer, failures=failures.failures(session.peer, user),
@@ -592,7 +605,8 @@ class GatewaySMTP(smtp.ESMTP):
 
         def answer(reply: Any) -> None:
             if isinstance(reply, Reply):
-                self._bad_commands += 1
+                if reply.code == 535:
+                    self._bad_commands += 1
                 self._send(reply)
 
         d.addCallbacks(lambda avatar: succeeded(avatar), failed)

@@ -35,6 +35,7 @@ import ipaddress
 import os
 import ssl as stdlib_ssl
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,19 @@ class CertKey:
         C{twisted.web} or C{ESMTP.ctx}."""
         private = twisted_ssl.PrivateCertificate.loadPEM(_cert_pem(self.cert) + self.key_pem())
         extra = [twisted_ssl.Certificate.loadPEM(_cert_pem(c)).original for c in self.chain]
-        return twisted_ssl.CertificateOptions(
+        options = twisted_ssl.CertificateOptions(
             privateKey=private.privateKey.original,
             certificate=private.original,
             extraCertChain=extra,
             raiseMinimumTo=twisted_ssl.TLSVersion.TLSv1_2,
         )
+        # Twisted hands pyOpenSSL objects to the context, which newer
+        # pyOpenSSL deprecates; build (and cache) the context now, quietly,
+        # rather than warn on every test's first connection.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            options.getContext()
+        return options
 
     def server_context(self) -> stdlib_ssl.SSLContext:
         """A stdlib server C{ssl.SSLContext} presenting this certificate:

@@ -38,11 +38,14 @@ See also: tests/certs.py; tests/dnsserver.py (the DNS half of the same idea).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.web import resource, server
+from zope.interface import implementer
 
 #: Size of the pieces a streamed body is written in.
 CHUNK = 16 * 1024
@@ -114,6 +117,9 @@ class _Canned(resource.Resource):
         route = self._owner.routes.get(path, NOT_FOUND)
         if route.hang:
             self._owner._hanging.append(request)
+            # Fires when the client gives up (only a lost connection can
+            # finish a request that is never answered).
+            self._owner.hung.append(request.notifyFinish().addErrback(lambda _: None))
             return server.NOT_DONE_YET
         status = route.status
         if route.redirect is not None:
@@ -148,22 +154,15 @@ class _TrackingSite(server.Site):
 
     def __init__(self, root: resource.Resource, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
-        self.connections: set[Any] = set()
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)
-        connections = self.connections
-        connections.add(protocol)
-        original = protocol.connectionLost
-
-        def lost(reason: Any) -> None:
-            connections.discard(protocol)
-            original(reason)
-
-        protocol.connectionLost = lost
+        self.connections.add(protocol)
         return protocol
 
 
+@implementer(IOpenSSLContextFactory)
 class _SwappableContext:
     """A server context factory whose certificate can change between
     connections, and which records the SNI name of each handshake.
@@ -174,12 +173,17 @@ class _SwappableContext:
 
     def __init__(self, owner: HTTPSServer, options: Any) -> None:
         self._owner = owner
-        self.options = options
+        self.use(options)
+
+    def use(self, options: Any) -> None:
+        # pyOpenSSL forbids changing a context once a connection used it,
+        # so the SNI callback is set once, on a context of our own.
+        context = options.getContext()
+        context.set_tlsext_servername_callback(self._servername)
+        self._context = context
 
     def getContext(self) -> Any:
-        context = self.options.getContext()
-        context.set_tlsext_servername_callback(self._servername)
-        return context
+        return self._context
 
     def _servername(self, connection: Any) -> None:
         name = connection.get_servername()
@@ -197,6 +201,8 @@ class HTTPSServer:
     @ivar requests: every L{SeenRequest}, in order.
     @ivar server_names: the SNI name of every TLS handshake (None when the
         client sent none), in order.
+    @ivar hung: one Deferred per request to a C{hang} route, firing with
+        None once the client closed that connection.
     @ivar port: the bound port once started.
     """
 
@@ -212,6 +218,7 @@ class HTTPSServer:
         self.requests: list[SeenRequest] = []
         self.server_names: list[str | None] = []
         self._hanging: list[server.Request] = []
+        self.hung: list[defer.Deferred[None]] = []
         self._waiters: list[tuple[int, defer.Deferred[None]]] = []
         self._context = _SwappableContext(self, self._options(certificate))
         self._site = _TrackingSite(_Canned(self))
@@ -228,7 +235,7 @@ class HTTPSServer:
     def use(self, certificate: Any) -> None:
         """Present C{certificate} (a L{tests.certs.CertKey} or a context
         factory) from the next connection on."""
-        self._context.options = self._options(certificate)
+        self._context.use(self._options(certificate))
 
     def serve(self, path: str, body: bytes | str = b"", **route: Any) -> Route:
         """Shorthand: C{routes[path] = Route(body=body, **route)}."""
@@ -246,7 +253,9 @@ class HTTPSServer:
         ready = [w for w in self._waiters if len(self.requests) >= w[0]]
         self._waiters = [w for w in self._waiters if w not in ready]
         for _, waiter in ready:
-            waiter.callback(None)
+            # Next turn of the reactor: the waiting test resumes only after
+            # this request has been fully handled (answered or left hanging).
+            self._reactor.callLater(0, lambda w=waiter: w.called or w.callback(None))
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> defer.Deferred[None]:
         """A Deferred that fires once C{count} requests have arrived in
@@ -277,7 +286,7 @@ class HTTPSServer:
             self._listening = None
         for protocol in list(self._site.connections):
             transport = getattr(protocol, "transport", None)
-            if transport is not None:
+            if transport is not None and getattr(transport, "connected", False):
                 transport.abortConnection()
         self._hanging.clear()
         for _, waiter in self._waiters:

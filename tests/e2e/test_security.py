@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -623,9 +623,6 @@ async def test_auth_exchanges_and_their_replies(run_gateway, tmp_path):
     assert leaked == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/server.py:536 _auth_plain answers an empty PLAIN response (\"=\", decoded to b\"\") "
-    "with 501 5.5.2 'Malformed AUTH PLAIN response' instead of 535 5.7.8, and counts no failure"))
 @pytest_twisted.ensureDeferred
 async def test_auth_empty_plain_response(run_gateway, tmp_path):
     """AUTH PLAIN with the empty response "=" (initial or after 334) is
@@ -1238,7 +1235,7 @@ async def test_broken_users_file_is_a_temporary_failure(run_gateway, tmp_path):
     typo), AUTH with correct credentials gets 454 4.7.0 (RFC 4954 section 6,
     temporary authentication failure), not 535 "credentials invalid", and
     no failure is counted against the user; once the file is fixed the
-    user logs in."""
+    user logs in; the problem is logged with the file's name."""
     service = run_gateway(auth_config(tmp_path))
     port = service.port_of("submission")
     users = tmp_path / "users"
@@ -1255,7 +1252,12 @@ async def test_broken_users_file_is_a_temporary_failure(run_gateway, tmp_path):
             fixed = wire.auth_plain().pair
         return broken, fixed
 
-    broken, fixed = await in_thread(talk)
+    logs = LogCapture()
+    try:
+        broken, fixed = await in_thread(talk)
+    finally:
+        logs.remove()
     assert fixed == (235, "2.7.0")
     assert broken == (454, "4.7.0")
     assert service.auth_failures.failures("127.0.0.1", USER) == 0
+    assert logs.matching(str(users)), "the users file error is not logged"

@@ -28,7 +28,6 @@ import hmac
 import os
 import secrets
 import tempfile
-import time
 from collections import deque
 from typing import Any, Callable
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

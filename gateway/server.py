@@ -20,8 +20,6 @@ See also: twisted.mail.smtp.ESMTP; Postfix smtpd(8); aiosmtpd.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.parser
 import email.policy
 import itertools
@@ -36,21 +34,20 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from gateway import reply as R
-from gateway.address import AddressError, Mailbox, parse_path
+from gateway.address import AddressError, parse_path
 from gateway.config import GatewayConfig, ListenerConfig
-from gateway.dotstream import DataDecoder
+from gateway.datastate import IncomingMessage
 from gateway.pipeline import MessageView, Outcome, Pipeline
-from gateway.queue import MessageWriter, QueueError, Spool
+from gateway.smtpauth import AUTH_LINE_LIMIT, SMTPAuthMixin
+from gateway.queue import QueueError, Spool
 from gateway.queuefile import Envelope, EnvelopeRecipient
 from gateway.reply import Reply
 from gateway.session import Recipient, Session, Transaction
 from gateway.tls import tls_info
-from gateway.trace import authentication_results, message_id, received_header, strip_forged_results
+from gateway.trace import authentication_results, format_date, message_id, received_header
 from gateway.verdict import Action
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-
-AUTH_LINE_LIMIT = 12288 + 2
 
 # Protocol states.
 GREETING, COMMAND, DATA, CLOSED = "greeting", "command", "data", "closed"
@@ -86,7 +83,7 @@ class ConnectionLimiter:
             del self._per_ip[ip]
 
 
-class GatewaySMTP(smtp.ESMTP):
+class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
     """One SMTP connection.
 
     Built on C{twisted.mail.smtp.ESMTP} (its TLS context, portal,
@@ -114,7 +111,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._bad_commands = 0
         self._timer: Any = None
         self._slot_taken = False
-        self._data: _DataState | None = None
+        self._data: IncomingMessage | None = None
         self._tls_pending = False
         self._processing = False
         self._auth_step: Callable[[bytes], None] | None = None
@@ -378,15 +375,6 @@ class GatewaySMTP(smtp.ESMTP):
             lines.append("AUTH PLAIN LOGIN")
         return lines
 
-    def _can_auth(self) -> bool:
-        """AUTH is offered only on auth listeners, only over TLS."""
-        return (self.listener.auth and self.session.tls is not None
-                and self.gateway.checker is not None and self.session.auth_user is None)
-
-    def _can_starttls(self) -> bool:
-        return (self.ctx is not None and self.session.tls is None
-                and self.listener.tls in ("starttls", "starttls-required"))
-
     def smtp_EHLO(self, argument: str) -> None:
         self._hello(argument, esmtp=True)
 
@@ -464,166 +452,6 @@ class GatewaySMTP(smtp.ESMTP):
                                peer_port=old.peer_port, peer_name=old.peer_name)
         self.transaction = None
         self._tls_pending = True
-
-    def smtp_AUTH(self, argument: str) -> None:
-        """SMTP AUTH PLAIN and LOGIN (RFC 4954, RFC 4616), over TLS only."""
-        session = self.session
-        if not self.listener.auth or self.gateway.checker is None:
-            self._error(Reply(502, "5.5.1", "AUTH not available"))
-            return
-        if session.tls is None:
-            self._error(R.TLS_REQUIRED)
-            return
-        if session.helo is None:
-            self._error(R.NEED_HELO)
-            return
-        if session.auth_user is not None:
-            self._error(Reply(503, "5.5.1", "Already authenticated"))
-            return
-        if self.transaction is not None:
-            self._error(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"))
-            return
-        mechanism, _, initial = argument.partition(" ")
-        mechanism = mechanism.upper()
-        if not mechanism:
-            self._error(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
-            return
-        if mechanism not in ("PLAIN", "LOGIN"):
-            self._error(Reply(504, "5.5.4", "Unrecognized authentication type"))
-            return
-        if self.gateway.auth_failures.blocked(session.peer):
-            self._auth_refused()
-            return
-        initial = initial.strip()
-        if mechanism == "PLAIN":
-            if initial:
-                self._auth_plain(initial.encode())
-            else:
-                self._challenge("", self._auth_plain)
-        elif initial:
-            self._auth_login_user(initial.encode())
-        else:
-            self._challenge("Username:", self._auth_login_user)
-
-    def _auth_refused(self) -> None:
-        self._auth_refusals += 1
-        self.log.warn("AUTH refused for {client}: too many failures", client=self.session.peer)
-        if self._auth_refusals >= 3:
-            self._send(Reply(421, "4.7.0", "Too many authentication failures, closing connection"))
-            self._close()
-        else:
-            self._send(Reply(454, "4.7.0", "Too many authentication failures, try again later"))
-
-    def _challenge(self, prompt: str, step: Callable[[bytes], None]) -> None:
-        self._auth_step = step
-        encoded = base64.b64encode(prompt.encode()).decode() if prompt else ""
-        self._write_raw(f"334 {encoded}\r\n")
-
-    def _decode(self, data: bytes) -> bytes | None:
-        """Base64 of an AUTH response; None after answering an error."""
-        if data == b"*":
-            self._error(Reply(501, "5.0.0", "Authentication cancelled"))
-            return None
-        if data == b"=":
-            return b""
-        try:
-            return base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            self._error(Reply(501, "5.5.2", "Cannot decode AUTH response (bad base64)"))
-            return None
-
-    def _auth_plain(self, data: bytes) -> None:
-        decoded = self._decode(data)
-        if decoded is None:
-            return
-        if not decoded:
-            self._auth_check(b"", b"")  # an empty response is a failed login (RFC 4954 §4)
-            return
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            self._error(Reply(501, "5.5.2", "Malformed AUTH PLAIN response"))
-            return
-        authzid, user, password = parts
-        if authzid and authzid != user:
-            self._auth_check(user, b"\0invalid-authzid\0")
-            return
-        self._auth_check(user, password)
-
-    def _auth_login_user(self, data: bytes) -> None:
-        user = self._decode(data)
-        if user is None:
-            return
-        self._challenge("Password:", lambda line: self._auth_login_password(user, line))
-
-    def _auth_login_password(self, user: bytes, data: bytes) -> None:
-        password = self._decode(data)
-        if password is None:
-            return
-        self._auth_check(user, password)
-
-    def _auth_check(self, user_bytes: bytes, password_bytes: bytes) -> None:
-        from twisted.cred.credentials import UsernamePassword
-
-        user = user_bytes.decode("utf-8", "replace")
-        session = self.session
-        failures = self.gateway.auth_failures
-        if failures.blocked(session.peer, user):
-            self._auth_refused()
-            return
-        if not user or not password_bytes or b"\0invalid-authzid\0" == password_bytes:
-            from twisted.cred.error import UnauthorizedLogin
-            d: Any = defer.fail(UnauthorizedLogin("empty or invalid credentials"))
-        else:
-            d = defer.maybeDeferred(self.gateway.checker.requestAvatarId,
-                                    UsernamePassword(user_bytes, password_bytes))
-            d.addTimeout(self.limits.plugin_timeout, self.clock)
-
-        def succeeded(avatar: Any) -> None:
-            name = avatar.decode() if isinstance(avatar, bytes) else str(avatar)
-            session.auth_user = name
-            self.log.info("AUTH success user={user} client={client}", user=name, client=session.peer)
-            self._send(Reply(235, "2.7.0", "Authentication successful"))
-
-        def failed(failure: Any) -> Any:
-            from twisted.cred.error import UnauthorizedLogin
-
-            if not failure.check(UnauthorizedLogin):
-                # The checker itself failed (users file broken, time-out):
-                # not the client's fault, so nothing is counted against it.
-                self.log.failure("AUTH checker failed for user={user} client={client}: {reason}", failure,
-                                 user=user, client=session.peer, reason=str(failure.value))
-                return Reply(454, "4.7.0", "Temporary authentication failure")
-            delay = failures.record(session.peer, user)
-            self.log.info("AUTH failure user={user} client={client} failures={failures} delay={delay}",
-                          user=user, client=session.peer, failures=failures.failures(session.peer, user),
-                          delay=delay)
-            reply = Reply(535, "5.7.8", "Authentication credentials invalid")
-            if delay > 0:
-                from twisted.internet import task
-                return task.deferLater(self.clock, delay, lambda: reply)
-            return reply
-
-        def answer(reply: Any) -> None:
-            if isinstance(reply, Reply):
-                if reply.code == 535:
-                    self._bad_commands += 1
-                self._send(reply)
-
-        d.addCallbacks(lambda avatar: succeeded(avatar), failed)
-        self._after(d, answer)
-
-    def _sender_allowed(self, sender: Mailbox | None) -> bool:
-        """An authenticated user may use only the senders granted to them
-        (Postfix reject_sender_login_mismatch); <> is always allowed."""
-        user = self.session.auth_user
-        if user is None or sender is None:
-            return True
-        granted = self.config.auth.senders.get(user)
-        if granted is None:
-            granted = (user.lower(),) if "@" in user else ()
-        address = str(sender).lower()
-        domain = "@" + sender.domain
-        return address in granted or domain in granted
 
     def _tls_required(self) -> bool:
         return self.listener.tls == "starttls-required" and self.session.tls is None
@@ -762,7 +590,7 @@ class GatewaySMTP(smtp.ESMTP):
             self._reset_transaction()
             return
         self.transaction.queue_id = writer.queue_id
-        self._data = _DataState(writer, self.config.server.max_message_size,
+        self._data = IncomingMessage(writer, self.config.server.max_message_size,
                                 self.limits.max_text_line, self.limits.max_header_size)
         self._data.started = time.time()
         if not self.listener.submission:
@@ -791,7 +619,7 @@ class GatewaySMTP(smtp.ESMTP):
         if close:
             self._close()
 
-    async def _end_of_data(self, data: "_DataState") -> tuple[Reply, bool]:
+    async def _end_of_data(self, data: "IncomingMessage") -> tuple[Reply, bool]:
         """Check, commit and answer one message.  Runs with input held."""
         self._data = None
         session, transaction = self.session, self.transaction
@@ -847,7 +675,7 @@ class GatewaySMTP(smtp.ESMTP):
         return reply, False
 
     def _envelope(self, session: Session, transaction: Transaction, headers: Any,
-                  added: list[tuple[str, str]], data: "_DataState") -> Envelope:
+                  added: list[tuple[str, str]], data: "IncomingMessage") -> Envelope:
         now = time.time()
         hostname = self.config.server.hostname
         recipients = [r.address for r in transaction.recipients]
@@ -858,7 +686,6 @@ class GatewaySMTP(smtp.ESMTP):
             recipients=recipients, tls=tls, now=now))]
         prepend.extend(f"{name}: {value}" for name, value in added)
         if self.listener.submission:
-            from gateway.trace import format_date
             if headers.get("Date") is None:
                 prepend.append(f"Date: {format_date(now)}")
             if headers.get("Message-ID") is None:
@@ -885,83 +712,6 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _reset_transaction(self) -> None:
         self.transaction = None
-
-
-class _DataState:
-    """One message being received: the decoder, the spool file, the header
-    block (bounded copy) and what went wrong, if anything."""
-
-    def __init__(self, writer: MessageWriter, max_size: int, max_line: int, max_header: int) -> None:
-        self.writer = writer
-        self.decoder = DataDecoder(max_size, max_line)
-        self.header_block = bytearray()
-        self.headers_done = False
-        self.header_too_big = False
-        self.max_header = max_header
-        self.storage_error: QueueError | None = None
-        self.started = 0.0
-        self.authserv_id: str | None = None
-        self.forged_removed = 0
-
-    def add(self, content: bytes) -> None:
-        """Take decoded content: held back until the header block is
-        complete (so forged Authentication-Results can be dropped), then
-        streamed to the spool file."""
-        if self.headers_done:
-            self._write(content)
-            return
-        start = max(0, len(self.header_block) - 3)
-        self.header_block += content
-        if self.header_block.startswith(b"\r\n"):
-            self._release(0)
-            return
-        end = self.header_block.find(b"\r\n\r\n", start)
-        if end >= 0:
-            self._release(end + 2)
-        elif len(self.header_block) > self.max_header:
-            self.header_too_big = True
-            self.headers_done = True
-            held, self.header_block = bytes(self.header_block), bytearray()
-            self._write(held)
-
-    def finish(self) -> None:
-        """End of DATA: a message that is all header is released now."""
-        if not self.headers_done:
-            self._release(len(self.header_block))
-
-    def _release(self, header_end: int) -> None:
-        held = bytes(self.header_block)
-        header, rest = held[:header_end], held[header_end:]
-        if self.authserv_id and b"authentication-results" in header.lower():
-            header, self.forged_removed = strip_forged_results(header, self.authserv_id)
-        self.header_block = bytearray(header + b"\r\n")
-        self.headers_done = True
-        self._write(header + rest)
-
-    def _write(self, content: bytes) -> None:
-        if self.storage_error is None and content:
-            try:
-                self.writer.write(content)
-            except QueueError as exc:
-                self.storage_error = exc
-
-    def problem(self) -> Reply | None:
-        """The reply for a message that must not be queued, or None."""
-        if self.storage_error is not None:
-            return R.STORAGE_FAILED
-        decoder = self.decoder
-        if decoder.too_big:
-            return R.MESSAGE_TOO_BIG
-        if decoder.bare_newline:
-            return R.BARE_NEWLINE
-        if decoder.long_line:
-            return R.TEXT_LINE_TOO_LONG
-        if self.header_too_big:
-            return R.HEADER_TOO_BIG
-        return None
-
-    def abort(self) -> None:
-        self.writer.abort()
 
 
 class GatewaySMTPFactory(smtp.SMTPFactory):

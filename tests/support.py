@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import smtplib
 import ssl
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable

@@ -3,7 +3,6 @@ dropped into a folder named in the config changes the replies on the wire."""
 
 from __future__ import annotations
 
-import textwrap
 import uuid
 
 import pytest_twisted

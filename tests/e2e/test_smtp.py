@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import smtplib
 import socket
-import ssl
 
 import pytest
 import pytest_twisted

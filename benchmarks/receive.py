@@ -928,18 +928,20 @@ def print_summary(args: argparse.Namespace, summary: dict) -> None:
     log("")
     log("== summary: medians of %d round(s); %d sessions x %d messages of %d bytes ==" % (
         args.rounds, args.sessions, args.messages, args.size))
-    log("%-9s %6s %10s %9s %9s %10s %10s %10s %8s" % (
-        "peer", "rounds", "msgs/s", "p50 ms", "p99 ms", "peakRSS MB", "HWM MB", "cpu ms/msg", "bg cores"))
+    log("%-9s %6s %10s %9s %9s %9s %10s %10s %10s %8s" % (
+        "peer", "rounds", "msgs/s", "p50 ms", "p99 ms", "mean ms", "peakRSS MB", "HWM MB", "cpu ms/msg",
+        "bg cores"))
     for name in args.peer_list:
         s = summary[name]
         if not s.get("rounds_ok"):
             log("%-9s %6s  (no successful round)" % (name, 0))
             continue
-        log("%-9s %6d %10s %9s %9s %10s %10s %10s %8s" % (
+        log("%-9s %6d %10s %9s %9s %9s %10s %10s %10s %8s" % (
             name, s["rounds_ok"], fmt(s["msgs_per_s"]), fmt(s["p50_ms"], "%.2f"),
-            fmt(s["p99_ms"], "%.2f"), fmt(s["peak_rss_mb"]), fmt(s["root_hwm_mb"]),
+            fmt(s["p99_ms"], "%.2f"), fmt(s["load_mean_ms"]), fmt(s["peak_rss_mb"]), fmt(s["root_hwm_mb"]),
             fmt(s["cpu_ms_per_msg"], "%.2f"), fmt(s["background_cores"], "%.2f")))
-    log("(msgs/s = messages / smtp-source wall time; p50/p99 = latency probe; peak RSS = sum of")
+    log("(msgs/s = messages / smtp-source wall time; p50/p99 = latency probe; mean = smtp-source's")
+    log(" mean time per message by Little's law, sessions x time / messages; peak RSS = sum of")
     log(" VmRSS over the server's processes, sampled; HWM = VmHWM of its main process, reset after")
     log(" start-up, so warm-up + load only; cpu = server CPU per message; bg cores = CPU used")
     log(" meanwhile by other work on the machine)")

@@ -145,6 +145,22 @@ class RelayConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MTASTSConfig:
+    """C{[mta_sts]}: MTA-STS (RFC 8461) on outbound MX delivery and TLS
+    reporting (RFC 8460)."""
+
+    enabled: bool = True
+    cache: str = ""
+    ca_file: str | None = None
+    port: int = 443
+    fetch_timeout: float = 30.0
+    report: bool = True
+    report_organization: str = ""
+    report_contact: str = ""
+    report_interval: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """C{[auth]}: where SMTP AUTH checks passwords, who may send as whom,
     and how password guessing is throttled."""
@@ -193,6 +209,7 @@ class GatewayConfig:
     routes: Mapping[str, NextHop] = field(default_factory=dict)
     route_tls: Mapping[str, str] = field(default_factory=dict)
     auth: AuthConfig = AuthConfig()
+    mta_sts: MTASTSConfig = MTASTSConfig()
     limits: LimitsConfig = LimitsConfig()
     plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -658,6 +675,27 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     )
     t.finish()
 
+    t = _Table(path, "[mta_sts]", top.get("mta_sts", dict, {}))
+    sts_ca = t.get("ca_file", str, None)
+    if sts_ca:
+        sts_ca = _path(base, sts_ca)
+        if not os.path.isfile(sts_ca):
+            raise t.error("ca_file", f"no such file: {sts_ca}")
+    mta_sts = MTASTSConfig(
+        enabled=t.get("enabled", bool, True),
+        cache=_path(base, t.get("cache", str, "var/mta-sts")),
+        ca_file=sts_ca or relay.ca_file,
+        port=_port(t, "port", 443),
+        fetch_timeout=t.convert("fetch_timeout", parse_duration, 30.0),
+        report=t.get("report", bool, True),
+        report_organization=t.get("report_organization", str, "") or server.hostname,
+        report_contact=t.get("report_contact", str, "") or f"postmaster@{server.hostname}",
+        report_interval=t.convert("report_interval", parse_duration, 86400.0),
+    )
+    if mta_sts.report_interval < 60:
+        raise t.error("report_interval", "must be at least 60 seconds")
+    t.finish()
+
     t = _Table(path, "[limits]", top.get("limits", dict, {}))
     d = LimitsConfig()
     limits = LimitsConfig(
@@ -693,5 +731,5 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     top.finish()
     return GatewayConfig(
         path=path, server=server, listeners=listeners, tls=tls, queue=queue, dns=dns,
-        relay=relay, routes=routes, route_tls=route_tls, auth=auth, limits=limits, plugin_tables=plugin_tables,
+        relay=relay, routes=routes, route_tls=route_tls, auth=auth, mta_sts=mta_sts, limits=limits, plugin_tables=plugin_tables,
     )

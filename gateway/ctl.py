@@ -14,6 +14,9 @@ is meant for scripts.
     safe while the gateway runs (atomic renames; a message being delivered
     is refused with "try again").
   - C{gatewayctl user add|passwd|del|list}: the SMTP AUTH users file.
+  - C{gatewayctl mta-sts check DOMAIN}: TXT record, fetched policy, MX hosts,
+    which the policy allows and whether each presents a valid certificate;
+    C{gatewayctl mta-sts cache}: the cached policies.
 
 See also: postconf(1), postqueue(1), haraka -o.
 """
@@ -277,6 +280,98 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mta_sts_check(args: argparse.Namespace) -> int:
+    """The TXT record, the fetched policy, the MX hosts, which of them the
+    policy allows, and whether each presents a valid certificate."""
+    from twisted.internet import defer, task
+
+    from gateway.delivery import Connection, DeliveryError, Timeouts
+    from gateway.dns import make_resolver
+    from gateway.mtasts import Policy, check_domain
+    from gateway.routing import Router, RoutingError
+    from gateway.stsservice import make_fetcher
+    from gateway.tls import client_context_factory, trust_root
+
+    config = _load(args.config)
+    result: dict[str, Any] = {}
+
+    async def run(reactor: Any) -> None:
+        resolver = make_resolver(config.dns, reactor)
+        result.update(await check_domain(args.domain, resolver, make_fetcher(config, reactor, resolver)))
+        policy = Policy.from_dict(result["policy"]) if result["policy"] else None
+        router = Router(config, resolver)
+        destination = router.destination(result["domain"] or args.domain)
+        hosts_out = []
+        try:
+            hosts = await router.hosts(destination)
+        except RoutingError as exc:
+            result["mx_error"] = str(exc)
+            hosts = []
+        trust = trust_root(config.relay.ca_file)
+        for host in hosts:
+            row = {"host": host.name, "address": host.address, "port": host.port,
+                   "in_policy": policy.matches(host.name) if policy else None}
+            try:
+                connection = await Connection.open(
+                    reactor, reactor, host.name, host.address, host.port,
+                    helo=config.relay.helo_name or config.server.hostname, tls="verify",
+                    tls_context=lambda level, name=host.name: client_context_factory(level, name, trust),
+                    timeouts=Timeouts(connect=10, greeting=30, command=30, data_end=30))
+            except DeliveryError as exc:
+                row.update(certificate="invalid", tls_failure=exc.tls_failure, error=str(exc.reply))
+            else:
+                row.update(certificate="valid", tls=connection.tls_version)
+                await connection.close()
+            hosts_out.append(row)
+        result["mx"] = hosts_out
+        _print(result, args.json, _sts_text(result))
+
+    # task.react runs the reactor and exits the process with status 0.
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    return 0
+
+
+def _sts_text(result: dict[str, Any]) -> str:
+    lines = [f"domain:  {result['domain']}",
+             f"TXT:     {result['txt_name']}: {result['txt_records'] or '-'}"
+             + (f" ({result['txt_error']})" if result["txt_error"] else f" id={result['policy_id']}"),
+             f"policy:  {result['policy_url']}"]
+    if result["policy"]:
+        policy = result["policy"]
+        lines.append(f"         mode={policy['mode']} max_age={policy['max_age']} mx={', '.join(policy['mx'])}")
+    else:
+        lines.append(f"         not usable: {result['error']} ({result['result_type']})")
+    if result.get("mx_error"):
+        lines.append(f"MX:      {result['mx_error']}")
+    for row in result.get("mx", []):
+        allowed = {True: "in policy", False: "NOT in policy", None: "no policy"}[row["in_policy"]]
+        cert = row["certificate"] + (f" ({row.get('tls_failure')}: {row.get('error')})" if row["certificate"] != "valid" else "")
+        lines.append(f"MX:      {row['host']} [{row['address']}]:{row['port']}  {allowed}, certificate {cert}")
+    return "\n".join(lines)
+
+
+def cmd_mta_sts_cache(args: argparse.Namespace) -> int:
+    """The cached MTA-STS policies (what the gateway enforces now)."""
+    import os
+
+    from gateway.mtasts import FilePolicyCache
+
+    config = _load(args.config)
+    cache = FilePolicyCache(os.path.join(config.mta_sts.cache, "policies"))
+    rows = []
+    now = time.time()
+    for entry in sorted(cache.all(), key=lambda e: e.domain):
+        rows.append({"domain": entry.domain, "id": entry.policy_id, "mode": entry.policy.mode.value,
+                     "mx": list(entry.policy.mx), "max_age": entry.policy.max_age,
+                     "fetched_at": entry.fetched_at, "expires_at": entry.expires_at,
+                     "expired": entry.expires_at <= now})
+    text = "\n".join(f"{r['domain']:30} {r['mode']:8} id={r['id']} mx={','.join(r['mx'])} "
+                     f"expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['expires_at']))}"
+                     for r in rows) or "no cached policies"
+    _print(rows, args.json, text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayctl", description="Operate a mailgateway.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=cmd_user)
+
+    sts = sub.add_parser("mta-sts", help="MTA-STS policies").add_subparsers(dest="verb", required=True)
+    p = sts.add_parser("check", help="TXT, policy, MX hosts and their certificates for a domain")
+    p.add_argument("domain")
+    p.set_defaults(func=cmd_mta_sts_check)
+    p = sts.add_parser("cache", help="list the cached policies")
+    p.set_defaults(func=cmd_mta_sts_cache)
+    for p in sts.choices.values():
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 

@@ -61,10 +61,25 @@ class DeliveryError(Exception):
     @ivar permanent: whether retrying cannot help.
     """
 
-    def __init__(self, reply: ServerReply, permanent: bool = False) -> None:
+    def __init__(self, reply: ServerReply, permanent: bool = False, tls_failure: str | None = None) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.permanent = permanent
+        self.tls_failure = tls_failure
+
+
+def classify_tls_failure(reason: Any) -> str:
+    """The RFC 8460 §4.3 result type for why a TLS session failed."""
+    value = getattr(reason, "value", reason)
+    name = type(value).__name__
+    text = str(value).lower()
+    if name == "VerificationError" or "hostname" in text or "doesn't match" in text:
+        return "certificate-host-mismatch"
+    if "expired" in text:
+        return "certificate-expired"
+    if "self signed" in text or "self-signed" in text or "unable to get local issuer" in text:
+        return "certificate-not-trusted"
+    return "validation-failure"
 
 
 def local_failure(status: str, text: str) -> ServerReply:
@@ -219,6 +234,7 @@ class Connection:
         self.tls_verified = False
         self.usable = True
         self.messages_sent = 0
+        self.sts: str | None = None
 
     @classmethod
     async def open(cls, reactor: Any, clock: IReactorTime, host: str, address: str, port: int,
@@ -302,17 +318,22 @@ class Connection:
         if "STARTTLS" not in self.extensions or tls_context is None:
             if level == "may":
                 return
-            raise DeliveryError(local_failure("4.7.4", f"TLS is required but {self.host} does not offer STARTTLS"))
+            raise DeliveryError(local_failure("4.7.4", f"TLS is required but {self.host} does not offer STARTTLS"),
+                                tls_failure="starttls-not-supported")
         reply = await self.command(b"STARTTLS")
         if reply.code != 220:
             if level == "may":
                 return
-            raise DeliveryError(local_failure("4.7.4", f"STARTTLS refused by {self.host}: {reply}"))
+            raise DeliveryError(local_failure("4.7.4", f"STARTTLS refused by {self.host}: {reply}"),
+                                tls_failure="starttls-not-supported")
         self.proto.transport.startTLS(tls_context(level))
         try:
             await self._ehlo(helo)
         except DeliveryError as exc:
-            raise DeliveryError(local_failure("4.7.5", f"TLS handshake with {self.host} failed: {exc}")) from None
+            cause = self.proto.lost_reason
+            detail = str(getattr(cause, "value", cause) or exc)[:200]
+            raise DeliveryError(local_failure("4.7.5", f"TLS handshake with {self.host} failed: {detail}"),
+                                tls_failure=classify_tls_failure(cause)) from None
         from gateway.tls import tls_info
 
         info = tls_info(self.proto.transport)

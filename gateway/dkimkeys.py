@@ -329,7 +329,7 @@ class KeyStore:
         except (FileNotFoundError, NotADirectoryError):
             return ()
         entries.sort(key=lambda e: e.name)
-        stamp = tuple((e.name, e.stat().st_mtime_ns, e.stat().st_size, e.inode()) for e in entries)
+        stamp = tuple((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size) for e in entries)
         with self._lock:
             cached = self._cache.get(domain)
             if cached is not None and cached[0] == stamp:
@@ -524,8 +524,11 @@ def _cmd_keygen(args: Any) -> int:
     print(f"Publish this TXT record at {key.record_name}:\n")
     print(row["zone"])
     print(f"\nThe same value on one line (for DNS web forms):\n{key.record}\n")
-    print("The key signs from the next message on" + ("" if used else
-          " once dkim_sign is in a listener's plugins (it is in none now)") + ".")
+    if used:
+        print("The gateway signs with it from the next message on; until the record is published,\n"
+              "receivers cannot check that signature (dkim=permerror, no key).")
+    else:
+        print("It signs once dkim_sign is in a listener's plugins (it is in none now).")
     return 0
 
 

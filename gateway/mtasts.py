@@ -764,6 +764,10 @@ class PolicyFetcher:
     @param host_override: host name -> address to connect to instead of
         resolving it (C{{"mta-sts.example.test": "127.0.0.1"}} in tests);
         SNI and the certificate check still use the host name.
+    @param resolve_host: C{async f(host) -> list[str]} of addresses; when
+        given, the policy host is resolved through it (the gateway passes
+        its twisted.names look-up, so C{[dns] servers} apply) instead of
+        the system resolver.
     """
 
     log = Logger()
@@ -779,17 +783,31 @@ class PolicyFetcher:
         port: int = 443,
         host_override: Mapping[str, str] | None = None,
         user_agent: str = "mailgateway MTA-STS",
+        resolve_host: Any = None,
     ) -> None:
         self._clock = clock
+        self._resolve_host = resolve_host
         self.timeout = timeout
         self.max_size = max_size
         self.port = port
         self._user_agent = user_agent.encode("ascii")
         trust = self._trust(trust_root)
         endpoints = _PolicyHostEndpoints(reactor, trust, host_override or {}, timeout)
+        self._endpoints = endpoints
         # Agent never follows redirects (that is RedirectAgent); its pool
         # is non-persistent, so no connection outlives a fetch.
         self._agent = Agent.usingEndpointFactory(reactor, endpoints)
+
+    async def _resolve_then_fetch(self, url: str, host: str) -> Policy:
+        if self._resolve_host is not None:
+            try:
+                addresses = await self._resolve_host(host)
+            except Exception as exc:
+                raise PolicyError(f"cannot resolve {host}: {exc}", "connect") from None
+            if not addresses:
+                raise PolicyError(f"{host} has no address", "connect")
+            self._endpoints._override[_host_text(host)] = addresses[0]
+        return await self._fetch(url, host)
 
     @staticmethod
     def _trust(trust_root: Any) -> Any:
@@ -807,7 +825,7 @@ class PolicyFetcher:
         """
         url = policy_url(domain, self.port)
         host = policy_host(domain)
-        work = defer.Deferred.fromCoroutine(self._fetch(url, host))
+        work = defer.Deferred.fromCoroutine(self._resolve_then_fetch(url, host))
         timed_out = False
 
         def expire() -> None:

@@ -37,6 +37,7 @@ from gateway.delivery import (Connection, DeliveryError, Outgoing, RecipientResu
 from gateway.dsn import FailedRecipient, build_dsn
 from gateway.queue import QueueError, Spool
 from gateway.queuefile import Envelope, EnvelopeRecipient
+from gateway.mtasts import Mode
 from gateway.routing import Destination, Router, RoutingError
 from gateway.tls import client_context_factory, trust_root
 from gateway.trace import message_id
@@ -51,6 +52,16 @@ def _failure_status(reply: ServerReply) -> str:
     if status and status[0] in "45":
         return status
     return "5.0.0" if reply.code >= 500 or reply.code < 400 else "4.0.0"
+
+
+@dataclass(frozen=True)
+class _STS:
+    """The MTA-STS policy in force for one delivery run."""
+
+    domain: str
+    policy: Any
+    mode: Any
+    reason: str
 
 
 @dataclass
@@ -92,7 +103,8 @@ class DeliveryScheduler(service.Service):
 
     def __init__(self, config: GatewayConfig, spool: Spool, router: Router, reactor: Any,
                  clock: IReactorTime, run_in_thread: Callable[..., defer.Deferred],
-                 rng: random.Random | None = None, now: Callable[[], float] | None = None) -> None:
+                 rng: random.Random | None = None, now: Callable[[], float] | None = None,
+                 sts: Any = None, tls_reports: Any = None) -> None:
         self.config = config
         self.spool = spool
         self.router = router
@@ -118,6 +130,8 @@ class DeliveryScheduler(service.Service):
         self._kick_pending = False
         self.stopping = False
         self.stats = collections.Counter()
+        self.sts = sts
+        self.tls_reports = tls_reports
 
     # -- service -------------------------------------------------------------
 
@@ -261,7 +275,15 @@ class DeliveryScheduler(service.Service):
                         reply = ServerReply(550, (f"{exc.status} {exc.text}",))
                     self._fail_queued(queue, reply, None, exc.permanent)
                     return
-                connection, last_error = await self._connect(destination, hosts)
+                sts = await self._sts_policy(destination)
+                if sts is not None and sts.mode is Mode.ENFORCE:
+                    hosts = self._sts_filter(sts, hosts)
+                    if not hosts:
+                        reply = local_failure("4.7.5", f"MTA-STS policy of {destination.domain} (enforce) "
+                                              f"lists none of its MX hosts; not delivering ({sts.reason})")
+                        self._fail_queued(queue, reply, None, False)
+                        return
+                connection, last_error = await self._connect(destination, hosts, sts)
                 if connection is None:
                     self._fail_queued(queue, last_error.reply, None, last_error.permanent)
                     return
@@ -278,7 +300,53 @@ class DeliveryScheduler(service.Service):
                 self._queues.pop(destination.key, None)
             self.kick()
 
-    async def _connect(self, destination: Destination, hosts: list) -> tuple[Connection | None, DeliveryError]:
+    async def _sts_policy(self, destination: Destination) -> "_STS | None":
+        """The MTA-STS policy that applies to this destination, if any.
+
+        Only MX delivery is subject to MTA-STS; routes and the smarthost
+        are next hops the admin chose (RFC 8461 §... "MX host" semantics).
+        A policy in mode none, or none at all, gives None.
+        """
+        if self.sts is None or destination.kind != "mx":
+            return None
+        entry, reason = await self.sts.policy_for(destination.domain)
+        if entry is None:
+            return None
+        policy = entry.policy
+        if policy.mode is Mode.NONE:
+            return None
+        return _STS(destination.domain, policy, policy.mode, reason)
+
+    def _sts_filter(self, sts: "_STS", hosts: list) -> list:
+        """Enforce mode: only MX hosts the policy names (RFC 8461 §4.1)."""
+        matching = []
+        for host in hosts:
+            if sts.policy.matches(host.name):
+                matching.append(host)
+            else:
+                self.log.info("{domain}: MTA-STS enforce: skipping MX {host}, not in the policy",
+                              domain=sts.domain, host=host.name)
+                self._report(sts, False, "validation-failure", host, "mx-not-in-policy")
+        return matching
+
+    def _report(self, sts: "_STS", success: bool, result_type: str | None = None,
+                host: Any = None, detail: str | None = None) -> None:
+        if self.tls_reports is None:
+            return
+        self.tls_reports.record(self.now(), sts.domain, policy=sts.policy, success=success,
+                                result_type=result_type, mx=getattr(host, "name", None),
+                                ip=getattr(host, "address", None), detail=detail)
+
+    async def _connect(self, destination: Destination, hosts: list,
+                       sts: "_STS | None" = None) -> tuple[Connection | None, DeliveryError]:
+        """Connect to the first host that works.
+
+        Under an MTA-STS policy every session is tried with verified TLS
+        against the MX name.  In enforce mode a failure moves on to the
+        next host (never a plaintext or unverified fallback); in testing
+        mode the host is tried again at the route's own level, so mail
+        flows while the failure is reported.
+        """
         relay = self.config.relay
         auth = None
         if destination.smarthost and relay.smarthost_username is not None:
@@ -287,17 +355,35 @@ class DeliveryScheduler(service.Service):
         for host in hosts:
             if self.stopping:
                 break
-            try:
-                connection = await Connection.open(
-                    self.reactor, self.clock, host.name, host.address, host.port, helo=self.helo,
-                    tls=destination.tls, tls_context=lambda level, name=host.name: self._tls_context(level, name),
-                    timeouts=self.timeouts, auth=auth)
-            except DeliveryError as exc:
-                self.log.info("{domain}: {host}[{address}]:{port} failed: {reason}", domain=destination.domain,
-                              host=host.name, address=host.address, port=host.port, reason=str(exc.reply))
-                last = exc
-                continue
-            return connection, last
+            levels = [destination.tls] if sts is None else ["verify"]
+            if sts is not None and sts.mode is Mode.TESTING and destination.tls != "verify":
+                levels.append(destination.tls)
+            for level in levels:
+                try:
+                    connection = await Connection.open(
+                        self.reactor, self.clock, host.name, host.address, host.port, helo=self.helo,
+                        tls=level, tls_context=lambda lvl, name=host.name: self._tls_context(lvl, name),
+                        timeouts=self.timeouts, auth=auth)
+                except DeliveryError as exc:
+                    last = exc
+                    outcome = ""
+                    if sts is not None and level == "verify":
+                        kind = exc.tls_failure
+                        if kind is not None:
+                            self._report(sts, False, kind, host, str(exc.reply)[:120])
+                            outcome = f" (MTA-STS {sts.mode.value}: {kind})"
+                    self.log.info("{domain}: {host}[{address}]:{port} failed: {reason}{sts}",
+                                  domain=destination.domain, host=host.name, address=host.address,
+                                  port=host.port, reason=str(exc.reply), sts=outcome)
+                    if exc.tls_failure is None:
+                        break  # not a TLS problem: a second try at this host would not help
+                    continue
+                if sts is not None:
+                    verified = level == "verify"
+                    if verified:
+                        self._report(sts, True, host=host)
+                    connection.sts = f"{sts.mode.value}:{'verified' if verified else 'unverified'}"
+                return connection, last
         return None, last
 
     def _tls_context(self, level: str, hostname: str) -> Any:
@@ -339,9 +425,10 @@ class DeliveryScheduler(service.Service):
                                else "deferred") for r in results}
         replies = {str(r.reply) for r in results}
         self.log.info(
-            "{queue_id} relay={relay} tls={tls} verified={verified} delay={delay:.1f}s "
+            "{queue_id} relay={relay} tls={tls} verified={verified} mta_sts={mta_sts} delay={delay:.1f}s "
             "rcpt=[{rcpt}] reply=\"{reply}\"",
             queue_id=envelope.queue_id, relay=remote, tls=connection.tls_version or "no",
+            mta_sts=connection.sts or "none",
             verified="yes" if connection.tls_verified else "no",
             delay=self.now() - envelope.received_at, attempt_time=self.clock.seconds() - started,
             rcpt=" ".join(f"<{a}>:{o}" for a, o in outcome.items()), reply=" | ".join(sorted(replies)))
@@ -463,27 +550,35 @@ class DeliveryScheduler(service.Service):
         block = block[:end + 2] if end >= 0 else block
         return prepend + block
 
-    def _queue_bounce(self, original: Envelope, body: bytes) -> None:
-        """Commit a DSN to the spool (group commit like any message)."""
+    def inject(self, sender: str, recipients: list[str], body: bytes, listener: str = "local") -> defer.Deferred:
+        """Queue a message the gateway writes itself (bounces, TLS reports):
+        spooled and committed like any received message, then delivered.
+
+        @return: a Deferred firing with the queue id.
+        """
         try:
             writer = self.spool.open_message()
             writer.write(body)
         except QueueError as exc:
-            self.log.error("cannot queue bounce for {queue_id}: {reason}",
-                           queue_id=original.queue_id, reason=str(exc))
-            return
+            return defer.fail(exc)
         now = self.now()
         envelope = Envelope(
-            queue_id=writer.queue_id, sender="", received_at=now,
-            recipients=[EnvelopeRecipient(address=original.sender)],
-            listener="bounce", client_address="127.0.0.1", protocol="LOCAL",
+            queue_id=writer.queue_id, sender=sender, received_at=now,
+            recipients=[EnvelopeRecipient(address=r) for r in recipients],
+            listener=listener, client_address="127.0.0.1", protocol="LOCAL",
             size=len(body), next_attempt=now,
         )
         d = self.spool.commit(writer, envelope)
+        d.addCallback(lambda queue_id: (self.kick(), queue_id)[1])
+        return d
+
+    def _queue_bounce(self, original: Envelope, body: bytes) -> None:
+        """Commit a DSN to the spool (group commit like any message)."""
+        d = self.inject("", [original.sender], body, listener="bounce")
 
         def committed(queue_id: str) -> None:
             self.log.info("{queue_id}: bounce {bounce_id} queued for <{sender}>",
                           queue_id=original.queue_id, bounce_id=queue_id, sender=original.sender)
-            self.kick()
 
-        d.addCallbacks(committed, lambda f: self.log.failure("bounce commit failed", f))
+        d.addCallbacks(committed, lambda f: self.log.failure(
+            "cannot queue bounce for {queue_id}", f, queue_id=original.queue_id))

@@ -156,6 +156,7 @@ class GatewayService(service.MultiService):
         self.ports: dict[str, Any] = {}
         self.queued_observers: list[Any] = []
         self.scheduler = None
+        self.mta_sts = None
         if config.relay.enabled:
             from gateway.routing import Router
             from gateway.scheduler import DeliveryScheduler
@@ -163,8 +164,15 @@ class GatewayService(service.MultiService):
             router = Router(config, gateway.resolver, tls_default=config.relay.tls,
                             route_tls=dict(config.route_tls, **({"smarthost": config.relay.smarthost_tls}
                                                                  if config.relay.smarthost else {})))
-            self.scheduler = DeliveryScheduler(config, gateway.spool, router, reactor, reactor,
-                                               gateway.run_in_thread)
+            self.mta_sts = None
+            if config.mta_sts.enabled:
+                from gateway.stsservice import MTASTS
+
+                self.mta_sts = MTASTS(config, reactor, gateway.resolver, gateway.run_in_thread)
+            self.scheduler = DeliveryScheduler(
+                config, gateway.spool, router, reactor, reactor, gateway.run_in_thread,
+                sts=self.mta_sts.resolver if self.mta_sts else None,
+                tls_reports=self.mta_sts.reports if self.mta_sts else None)
             self.queued_observers.append(self.scheduler.message_queued)
 
     def message_queued(self, queue_id: str) -> None:
@@ -205,6 +213,8 @@ class GatewayService(service.MultiService):
         super().startService()
         if self.scheduler is not None:
             self.scheduler.startService()
+            if self.mta_sts is not None:
+                self.mta_sts.start(self.scheduler)
 
     def port_of(self, name: str) -> int:
         """The TCP port a listener is bound to."""
@@ -232,5 +242,7 @@ class GatewayService(service.MultiService):
             yield task.deferLater(self.reactor, 0.05, lambda: None)
         if self.scheduler is not None and self.scheduler.running:
             yield self.scheduler.stopService()
+        if self.mta_sts is not None:
+            yield self.mta_sts.stop()
         yield defer.maybeDeferred(super().stopService)
         self.log.info("mailgateway stopped")

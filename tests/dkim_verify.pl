@@ -8,7 +8,8 @@
 # [{"result", "detail", "domain", "selector", "algorithm"}, ...]}.
 # Debian: libmail-dkim-perl libnet-dns-perl (JSON::PP is core Perl).
 # Mail::DKIM 1.20230212 (Debian 12) knows rsa-sha1 and rsa-sha256 only: an
-# ed25519-sha256 signature comes out "invalid (unsupported algorithm)".
+# ed25519-sha256 signature comes out "invalid (unsupported algorithm
+# ed25519-sha256)".
 use strict;
 use warnings;
 

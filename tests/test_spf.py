@@ -616,3 +616,23 @@ def test_received_spf_quotes_and_cleans_values():
     assert first == "permerror (mx.example.test: domain of a b@x.test has a broken SPF policy: bad \"term\" [??])"
     assert second == ('client-ip="2001:db8::1"; envelope-from="a b@x.test"; helo="[192.0.2.1]"; '
                       'receiver=mx.example.test; identity=mailfrom; problem="bad \\"term\\" (??)";')
+
+
+@pytest_twisted.ensureDeferred
+async def test_registry_builds_spf_on_a_listener_and_warn_mode_keeps_the_header(tmp_path, policy, resolver):
+    """The registry finds "spf", verifies it against IMailCheck and puts it
+    in the mail stage; with mode = "warn" a fail is not refused but the
+    Received-SPF field is still added."""
+    from gateway.registry import PluginRegistry
+
+    doc = base_config(tmp_path)
+    doc["listener"][0]["plugins"] = ["relay_guard", "spf"]
+    doc["plugins"] = {"spf": {"mode": "warn", "timeout": 5}}
+    config = parse_config(doc, str(tmp_path / "gateway.toml"))
+    pipeline = PluginRegistry(config).build_pipeline(config.listeners[0], reactor, resolver, lambda f, *a: f(*a))
+    assert pipeline.plugins_for("mail") == ("spf",)
+    transaction, sender = mail_from("alice@sender.test")
+    outcome = await defer.maybeDeferred(pipeline.run, "mail", session("198.51.100.7"), transaction, sender)
+    assert outcome.action is Action.CONTINUE
+    [(name, value)] = outcome.add_headers
+    assert name == "Received-SPF" and value.startswith("fail ")

@@ -333,6 +333,12 @@ class _Factory:
 
     @staticmethod
     def build(options: Options, context: Any) -> DMARCPolicy:
+        from twisted.logger import Logger
+
+        for listener in context.config.listeners:
+            if NAME in listener.plugins and "dkim_verify" not in listener.plugins[:listener.plugins.index(NAME)]:
+                Logger().warn("dmarc on listener {listener} has no dkim_verify before it: only SPF can "
+                              "align there", listener=listener.name)
         return DMARCPolicy(options, context)
 
 

@@ -391,7 +391,10 @@ def raw_values(headers: Any, name: str) -> list[str]:
 def _header_text(value: str) -> str:
     """A stored header value as text: raw UTF-8 octets (SMTPUTF8 messages,
     kept as surrogate escapes by the parser) become characters again."""
-    return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+    try:
+        return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # already text (another parser policy)
+        return value
 
 
 def read_for_dkim(handle: BinaryIO, **options: Any) -> Any:

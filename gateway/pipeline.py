@@ -80,14 +80,14 @@ class MessageView:
     spooled content, so a 50 MB message is never held in memory.
     """
 
-    def __init__(self, headers: email.message.Message, size: int, path: str) -> None:
+    def __init__(self, headers: email.message.Message, size: int, opener: Callable[[], BinaryIO]) -> None:
         self.headers = headers
         self.size = size
-        self._path = path
+        self._opener = opener
 
     def open(self) -> BinaryIO:
         """A fresh read-only binary file positioned at the start of the content."""
-        return open(self._path, "rb")
+        return self._opener()
 
 
 class _Timeout(Exception):

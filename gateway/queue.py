@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import collections
+import io
 import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -66,6 +68,8 @@ _DIRECTORIES: Final = ("tmp", "data") + STATES
 _DATA_SUFFIX: Final = ".eml"
 _ENVELOPE_SUFFIX: Final = ".env"
 _WRITE_BUFFER: Final = 64 * 1024
+#: Content up to this size stays in memory until the commit thread writes it.
+MEMORY_LIMIT: Final = 256 * 1024
 _ID_ATTEMPTS: Final = 8
 
 
@@ -88,27 +92,37 @@ def _queue_error(action: str, queue_id: str, error: OSError) -> QueueError:
 
 class MessageWriter:
     """
-    The content of one message being received, in C{tmp/<queue_id>.eml}.
+    The content of one message being received.
 
-    Writes are plain buffered writes on the reactor thread: a page-cache
-    write is cheap, and the fsync that makes it durable is done once, in a
-    thread, by L{Spool.commit}.  After L{Spool.commit} the writer belongs to
-    the spool; after a failed L{write} or L{flush} it is already aborted.
+    Content is kept in memory until it passes C{memory_limit} (256 KiB by
+    default); only a larger message gets its C{tmp/<queue_id>.eml} file
+    while it streams in.  Why: creating and writing a file on the reactor
+    thread can stall behind other threads' fsyncs (the journal lock), and
+    most mail is small.  The memory held is bounded by the limit times the
+    number of concurrent DATA phases, and a 50 MB message still streams to
+    disk.  Either way the fsync that makes the content durable is done
+    once, in a thread, by L{Spool.commit}.  After L{Spool.commit} the
+    writer belongs to the spool; after a failed L{write} or L{flush} it is
+    already aborted.
 
     @ivar queue_id: The id the message will be queued under.
     @ivar size: Octets written so far.
-    @ivar path: The temporary file, readable (after L{flush}) by
-        end-of-data checks before the commit.
+    @ivar path: The temporary file (it exists only once the content went
+        past the memory limit, or after the commit step created it).
     """
 
     log = Logger()
 
-    def __init__(self, queue_id: str, path: str, file: IO[bytes]) -> None:
+    def __init__(self, queue_id: str, path: str, file: IO[bytes] | None = None,
+                 memory_limit: int = MEMORY_LIMIT) -> None:
         self.queue_id = queue_id
         self.path = path
         self.size = 0
         self._file: IO[bytes] | None = file
+        self._buffer: bytearray | None = None if file is not None else bytearray()
+        self._memory_limit = memory_limit
         self._committing = False
+        self._aborted = False
 
     def write(self, data: bytes) -> None:
         """
@@ -118,40 +132,70 @@ class MessageWriter:
         @raise QueueError: If the write fails or the writer is no longer
             open; the writer is then aborted (the temporary file is gone).
         """
-        file = self._open_file("write")
+        self._check_open("write")
+        if self._file is None:
+            if len(self._buffer) + len(data) <= self._memory_limit:
+                self._buffer += data
+                self.size += len(data)
+                return
+            self._spill()
         try:
-            file.write(data)
+            self._file.write(data)
         except OSError as e:
             self.abort()
             raise _queue_error("write", self.queue_id, e) from e
         self.size += len(data)
 
+    def _spill(self) -> None:
+        """Move the content so far into C{tmp/}: the message is large."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._file = os.fdopen(fd, "wb", _WRITE_BUFFER)
+            self._file.write(self._buffer)
+        except OSError as e:
+            self.abort()
+            raise _queue_error("write", self.queue_id, e) from e
+        self._buffer = None
+
     def flush(self) -> None:
         """
-        Push buffered content to the file, so that C{path} can be read.
+        Push buffered content to the file (when there is one).
 
-        No fsync: durability comes from L{Spool.commit}.  This exists for
-        end-of-data checks (content filters, DKIM) that read the message
-        from the spool before it is committed.
+        No fsync: durability comes from L{Spool.commit}.  End-of-data
+        checks read the content with L{open_content}.
 
         @raise QueueError: As for L{write}.
         """
-        file = self._open_file("flush")
+        self._check_open("flush")
+        if self._file is None:
+            return
         try:
-            file.flush()
+            self._file.flush()
         except OSError as e:
             self.abort()
             raise _queue_error("flush", self.queue_id, e) from e
 
+    def open_content(self) -> IO[bytes]:
+        """A new binary file over the content so far (after L{flush})."""
+        self._check_open("read")
+        if self._file is None:
+            return io.BytesIO(bytes(self._buffer))
+        return open(self.path, "rb")
+
     def abort(self) -> None:
         """
-        Throw the message away: close and unlink the temporary file.
+        Throw the message away: drop the buffer, or close and unlink the
+        temporary file.
 
         Idempotent and never raises, so it is safe in any cleanup path
         (rejected DATA, size limit, lost connection).  Once the writer was
         handed to L{Spool.commit} this does nothing: the commit decides.
         """
-        if self._file is None or self._committing:
+        if self._aborted or self._committing:
+            return
+        self._aborted = True
+        self._buffer = None
+        if self._file is None:
             return
         file, self._file = self._file, None
         try:
@@ -176,17 +220,42 @@ class MessageWriter:
         """
         L{True} once the writer was aborted or handed to the spool.
         """
-        return self._file is None or self._committing
+        return self._aborted or self._committing
 
-    def _open_file(self, action: str) -> IO[bytes]:
-        if self._file is None or self._committing:
+    def _check_open(self, action: str) -> None:
+        if self._aborted or self._committing:
             raise QueueError(f"cannot {action} {self.queue_id}: message is closed")
-        return self._file
 
-    def _take_for_commit(self) -> IO[bytes]:
-        file = self._open_file("commit")
+    def _take_for_commit(self) -> Any:
+        self._check_open("commit")
         self._committing = True
-        return file
+        if self._file is not None:
+            return self._file
+        return _PendingFile(self.path, bytes(self._buffer))
+
+
+class _PendingFile:
+    """Content held in memory, written to its C{tmp/} file by the commit
+    thread: quacks like the file object L{Spool._stage} expects."""
+
+    def __init__(self, path: str, content: bytes) -> None:
+        self.path = path
+        self.content = content
+        self._fd: int | None = None
+
+    def flush(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._fd = fd
+        _write_all(fd, self.content)
+
+    def fileno(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -231,9 +300,14 @@ class Spool:
         *,
         run_in_thread: Callable[..., Deferred],
         clock: IReactorTime,
+        memory_limit: int = MEMORY_LIMIT,
     ) -> None:
         """
         Open the spool, creating missing directories with mode 0700.
+
+        @param memory_limit: Content up to this many octets is held in
+            memory until the commit (see L{MessageWriter}); 0 streams every
+            message to C{tmp/} from its first octet.
 
         @param path: The spool directory; created if missing.
         @param run_in_thread: C{run_in_thread(f, *args)} returns a Deferred
@@ -246,11 +320,17 @@ class Spool:
         self.path = os.fspath(path)
         self._run_in_thread = run_in_thread
         self._clock = clock
+        self._memory_limit = memory_limit
         self._staged: list[_PendingCommit] = []
         self._batch_running = False
         self._in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._tmp_names = itertools.count()
+        # Ids handed out recently: a duplicate within this process is
+        # refused without touching the disk (across processes the random
+        # part makes one vanishingly rare, and O_EXCL at commit catches it).
+        self._open_ids: set[str] = set()
+        self._open_order: collections.deque[str] = collections.deque(maxlen=100_000)
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             for name in _DIRECTORIES:
@@ -264,28 +344,29 @@ class Spool:
         """
         Start a new message in C{tmp/}, under a new queue id.
 
-        Called at DATA; blocking is limited to creating one file.
+        Called at DATA; touches the disk only to check that C{tmp/} is a
+        directory (the content's file is made later, see L{MessageWriter}).
 
         @return: The writer for the content.
         @raise QueueError: If the spool is unwritable.
         """
-        last_error: OSError | None = None
+        if not os.path.isdir(self._dir("tmp")):
+            error = NotADirectoryError(errno.ENOTDIR, "tmp/ is not a directory")
+            raise _queue_error("open message", "new id", error)
         for _ in range(_ID_ATTEMPTS):
             queue_id = new_queue_id(self._clock.seconds())
-            if os.path.lexists(self._data_file(queue_id)):
+            if queue_id in self._open_ids or os.path.lexists(self._data_file(queue_id)):
                 continue
-            path = self._tmp_file(queue_id + _DATA_SUFFIX)
-            try:
-                fd = os.open(
-                    path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-                )
-            except FileExistsError as e:
-                last_error = e
-                continue
-            except OSError as e:
-                raise _queue_error("open message", queue_id, e) from e
-            return MessageWriter(queue_id, path, os.fdopen(fd, "wb", _WRITE_BUFFER))
-        error = last_error or FileExistsError(errno.EEXIST, "queue id collision")
+            if len(self._open_order) == self._open_order.maxlen:
+                self._open_ids.discard(self._open_order[0])
+            self._open_ids.add(queue_id)
+            self._open_order.append(queue_id)
+            writer = MessageWriter(queue_id, self._tmp_file(queue_id + _DATA_SUFFIX),
+                                   memory_limit=self._memory_limit)
+            if self._memory_limit <= 0:
+                writer._spill()
+            return writer
+        error = FileExistsError(errno.EEXIST, "queue id collision")
         raise _queue_error("open message", "new id", error) from error
 
     def commit(self, writer: MessageWriter, envelope: Envelope) -> Deferred[str]:

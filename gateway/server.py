@@ -643,7 +643,7 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             return R.STORAGE_FAILED, False
         added: list[tuple[str, str]] = list(transaction.add_headers)
         for stage, argument in (("headers", headers),
-                                ("message", MessageView(headers, data.decoder.size, data.writer.path))):
+                                ("message", MessageView(headers, data.decoder.size, data.writer.open_content))):
             outcome = self.pipeline.run(stage, session, transaction, argument)
             if isinstance(outcome, defer.Deferred):
                 outcome = await outcome

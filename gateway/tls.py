@@ -18,6 +18,8 @@ from typing import Any
 import os
 
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 from twisted.logger import Logger
 
 from gateway.session import TLSInfo
@@ -112,6 +114,7 @@ def server_context_factory(cert_path: str, key_path: str) -> ssl.CertificateOpti
         raise ValueError(f"certificate and key do not match or are unusable: {exc}") from None
 
 
+@implementer(IOpenSSLContextFactory)
 class SNIContextFactory:
     """A server context factory that picks the certificate by the name the
     client sent in SNI (RFC 6066 §3), falling back to the default pair.

@@ -97,9 +97,15 @@ class Sink:
     """Start with L{start}; stop with L{stop}.  C{port} is where it listens."""
 
     def __init__(self, *, tls_context: Any = None, require_starttls: bool = False,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, host: str = "127.0.0.1",
+                 port: int | None = None) -> None:
+        """@param host: the loopback address to listen on (another
+            127.0.0.0/8 address lets several sinks share one port, as MX
+            hosts of one domain must: the relay port is global).
+        @param port: the port; default a free one."""
         self.handler = SinkHandler()
-        self.port = free_port()
+        self.host = host
+        self.port = port if port is not None else free_port(host)
         self.users = users
         kwargs: dict[str, Any] = {"enable_SMTPUTF8": True}
         if tls_context is not None:
@@ -109,7 +115,7 @@ class Sink:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_require_tls"] = True
         self.logins: list[str] = []
-        self.controller = CountingController(self.handler, hostname="127.0.0.1", port=self.port,
+        self.controller = CountingController(self.handler, hostname=host, port=self.port,
                                              ready_timeout=10, **kwargs)
 
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:

@@ -10,6 +10,8 @@ independent verifier, runs in tests/e2e/test_dkim_dmarc.py.
 from __future__ import annotations
 
 import base64
+import email.parser
+import email.policy
 import io
 import json
 import os
@@ -45,7 +47,6 @@ from gateway.dkimkeys import (
 from gateway.dns import DNSTemporaryError, make_resolver
 from gateway.pipeline import MessageView
 from gateway.registry import PluginContext, build_options
-from gateway.server import _HEADER_PARSER
 from gateway.session import Session, Transaction
 from gateway.verdict import Action
 from plugins import dkim_sign, dkim_verify
@@ -55,6 +56,9 @@ from tests.dnsserver import TestDNS
 from tests.support import base_config, write_config
 
 WAIT = 10
+
+#: Parses a header block the way the server does for MessageView.headers.
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 MESSAGE = (b"From: Alice <alice@example.org>\r\n"
            b"To: bob@example.net\r\n"
@@ -113,7 +117,7 @@ def spooled(tmp_path: Path, content: bytes) -> MessageView:
     path = tmp_path / f"msg{len(list(tmp_path.glob('msg*')))}.eml"
     path.write_bytes(content)
     header_block = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-    return MessageView(_HEADER_PARSER.parsebytes(header_block), len(content), str(path))
+    return MessageView(_HEADER_PARSER.parsebytes(header_block), len(content), lambda: open(path, "rb"))
 
 
 def with_fields(fields: tuple[tuple[str, str], ...], content: bytes) -> bytes:

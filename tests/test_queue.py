@@ -157,10 +157,13 @@ def files(spool: Spool, name: str) -> list[str]:
     return sorted(os.listdir(os.path.join(spool.path, name)))
 
 
-def make_spool(path: Path, run_in_thread: Callable[..., Deferred[Any]] = run_now) -> Spool:
+def make_spool(path: Path, run_in_thread: Callable[..., Deferred[Any]] = run_now,
+               memory_limit: int = 0) -> Spool:
+    """A spool on a fixed clock; by default every message streams to tmp/
+    from its first octet (memory_limit 0), the path large messages take."""
     clock = Clock()
     clock.advance(1_700_000_000)
-    return Spool(path, run_in_thread=run_in_thread, clock=clock)
+    return Spool(path, run_in_thread=run_in_thread, clock=clock, memory_limit=memory_limit)
 
 
 def replace_with_file(path: str) -> None:
@@ -307,7 +310,8 @@ def write_limited(tmp_path: Path, when: str) -> dict[str, Any]:
         from gateway.queue import QueueError, Spool
         from gateway.queuefile import Envelope, EnvelopeRecipient
 
-        spool = Spool(sys.argv[1], run_in_thread=lambda f, *a: maybeDeferred(f, *a), clock=Clock())
+        spool = Spool(sys.argv[1], run_in_thread=lambda f, *a: maybeDeferred(f, *a), clock=Clock(),
+                      memory_limit=0)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         writer = spool.open_message()
         outcome = {}
@@ -1066,3 +1070,56 @@ def test_remove_deletes_corrupt_messages(spool: Spool) -> None:
     restart(spool).recover()
     spool.remove(queue_id)
     assert files(spool, "corrupt") == []
+
+
+# Small messages stay in memory until the commit thread writes them.
+
+
+def test_small_message_touches_no_file_until_commit(tmp_path: Path) -> None:
+    """
+    With the default memory limit a small message creates no file while it
+    is received; its content is readable through open_content(), and the
+    commit writes, fsyncs and queues it like any other.
+    """
+    spool = make_spool(tmp_path / "spool", memory_limit=1024)
+    writer = spool.open_message()
+    writer.write(b"Subject: small\r\n\r\nbody\r\n")
+    writer.flush()
+    assert files(spool, "tmp") == []
+    with writer.open_content() as content:
+        assert content.read() == b"Subject: small\r\n\r\nbody\r\n"
+    queue_id = result_of(spool.commit(writer, make_envelope(writer.queue_id)))
+    assert spool.list("incoming") == [queue_id]
+    assert Path(spool.data_path(queue_id)).read_bytes() == b"Subject: small\r\n\r\nbody\r\n"
+    assert files(spool, "tmp") == []
+
+
+def test_message_past_memory_limit_spills_to_tmp(tmp_path: Path) -> None:
+    """
+    Content that grows past the memory limit moves to tmp/<id>.eml and
+    streams there from then on, so a large message never sits in memory.
+    """
+    spool = make_spool(tmp_path / "spool", memory_limit=10)
+    writer = spool.open_message()
+    writer.write(b"12345")
+    assert files(spool, "tmp") == []
+    writer.write(b"67890abcdef")
+    writer.flush()
+    assert Path(writer.path).read_bytes() == b"1234567890abcdef"
+    writer.abort()
+    assert files(spool, "tmp") == []
+
+
+def test_aborted_memory_message_leaves_nothing(tmp_path: Path) -> None:
+    """
+    Aborting a message held in memory leaves no file and refuses further
+    writes.
+    """
+    spool = make_spool(tmp_path / "spool", memory_limit=1024)
+    writer = spool.open_message()
+    writer.write(b"abc")
+    writer.abort()
+    assert writer.closed
+    assert files(spool, "tmp") == []
+    with pytest.raises(QueueError):
+        writer.write(b"more")

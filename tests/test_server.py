@@ -823,8 +823,10 @@ def test_too_many_received_headers(tmp_path):
 def test_connection_lost_during_data_leaves_nothing(gateway, ehlo):
     """A client that disconnects in the middle of DATA leaves no file."""
     ehlo.send(ENVELOPE + b"Subject: x\r\n\r\npartial")
-    assert gateway.files("tmp") != []
+    message = ehlo.protocol._data
+    assert message is not None and message.decoder.size > 0
     ehlo.protocol.connectionLost(None)
+    assert message.writer.closed and gateway.files("tmp") == []
     assert gateway.nothing_stored()
 
 

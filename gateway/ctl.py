@@ -17,6 +17,10 @@ is meant for scripts.
   - C{gatewayctl mta-sts check DOMAIN}: TXT record, fetched policy, MX hosts,
     which the policy allows and whether each presents a valid certificate;
     C{gatewayctl mta-sts cache}: the cached policies.
+  - C{gatewayctl dkim keygen DOMAIN SELECTOR [--algorithm rsa|ed25519]
+    [--bits N] [-c FILE]}: make a signing key (mode 0600) and print its
+    TXT record.
+  - C{gatewayctl dkim show [DOMAIN] [-c FILE]}: the keys in use and their records.
 
 See also: postconf(1), postqueue(1), haraka -o.
 """
@@ -432,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sts.choices.values():
         p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
         p.add_argument("--json", action="store_true", help="print JSON")
+
+    from gateway.dkimkeys import add_dkim_commands
+    add_dkim_commands(sub)
     return parser
 
 

@@ -79,6 +79,9 @@ def prepare(config_path: str, reactor: Any) -> Gateway:
             tls_context = server_tls(config.tls.cert, config.tls.key, dict(config.tls.sni))
         except ValueError as exc:
             raise ConfigError(config.path, "[tls] cert", str(exc)) from None
+    # Commits fsync in parallel (one thread per message being made durable),
+    # so the pool must be larger than Twisted's default of 10.
+    reactor.suggestThreadPoolSize(32)
     run_in_thread = functools.partial(threads.deferToThreadPool, reactor, reactor.getThreadPool())
     try:
         spool = Spool(config.queue.path, run_in_thread=run_in_thread, clock=reactor)

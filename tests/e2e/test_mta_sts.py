@@ -26,6 +26,7 @@ real time, sinks are waited for with a timeout, subprocesses run with one.
 
 from __future__ import annotations
 
+import calendar
 import email
 import email.policy
 import functools
@@ -168,11 +169,16 @@ def set_mx(dns: TestDNS, mx: list[tuple[str, str]], domain: str = DOMAIN) -> Non
 def sts_config(tmp_path: Path, dns: TestDNS, https: HTTPSServer, port: int, ca_path: str,
                *, relay: dict[str, Any] | None = None, mta_sts: dict[str, Any] | None = None) -> dict[str, Any]:
     """A relaying gateway whose MX port is C{port}, trusting the test CA
-    for MX certificates and the policy fetch."""
+    for MX certificates and the policy fetch.
+
+    One message per connection: the scheduler consults the policy when it
+    opens a connection, so a later message must not ride on a connection
+    made under an earlier policy or DNS state."""
     doc = base_config(tmp_path, server={"trusted_networks": ["127.0.0.0/8"]})
     doc["dns"] = {"servers": [dns.address], "timeout": 2, "reverse_lookup": False}
     doc["relay"] = {"enabled": True, "port": port, "ca_file": ca_path, "connection_idle": 0.2,
-                    "connect_timeout": 5, "command_timeout": 10, **(relay or {})}
+                    "max_messages_per_connection": 1, "connect_timeout": 5, "command_timeout": 10,
+                    **(relay or {})}
     doc["queue"]["scan_interval"] = 0.2
     doc["mta_sts"] = {"cache": str(tmp_path / "mta-sts"), "port": https.port, "fetch_timeout": 5,
                       "report_organization": "mx.example.test", "report_contact": "tlsrpt@example.test",
@@ -653,3 +659,284 @@ async def test_policy_host_with_untrusted_certificate(start_gateway, tmp_path, t
     await submit(service, b"Subject: webpki\r\n\r\nhello\r\n")
     await wait_message(sink)
     assert counts(service)[1] == {("sts-webpki-invalid", ""): 1}
+
+
+# -- TLS-RPT reports (RFC 8460) -----------------------------------------------------
+
+
+YESTERDAY_POLICY = Policy("STSv1", Mode.ENFORCE, (MX1, "*.backup.sts.test"), 86400)
+
+
+def record_yesterday(service: Any, domain: str = DOMAIN) -> str:
+    """Counts for a finished day, straight into the gateway's store:
+    3 successes, 2 certificate-expired at mx1, 1 starttls-not-supported
+    at mx2.  Returns that day (YYYY-MM-DD)."""
+    moment = time.time() - 86400
+    store = service.mta_sts.reports
+    for _ in range(3):
+        store.record(moment, domain, policy=YESTERDAY_POLICY, success=True, mx=MX1, ip="127.0.0.1")
+    for _ in range(2):
+        store.record(moment, domain, policy=YESTERDAY_POLICY, success=False, result_type="certificate-expired",
+                     mx=MX1, ip="127.0.0.1", detail="certificate has expired")
+    store.record(moment, domain, policy=YESTERDAY_POLICY, success=False, result_type="starttls-not-supported",
+                 mx=MX2, ip="127.0.0.2")
+    return day_of(moment)
+
+
+def check_report_json(report: dict[str, Any], day: str) -> None:
+    """The RFC 8460 §4.4 fields of the report L{record_yesterday} makes."""
+    assert report["organization-name"] == "mx.example.test"
+    assert report["date-range"] == {"start-datetime": f"{day}T00:00:00Z", "end-datetime": f"{day}T23:59:59Z"}
+    assert report["contact-info"] == "tlsrpt@example.test"
+    assert isinstance(report["report-id"], str) and report["report-id"]
+    assert isinstance(report["policies"], list) and len(report["policies"]) == 1
+    entry = report["policies"][0]
+    policy = entry["policy"]
+    assert policy["policy-type"] == "sts"
+    assert policy["policy-domain"] == DOMAIN
+    assert policy["mx-host"] == [MX1, "*.backup.sts.test"]
+    assert policy["policy-string"] == ["version: STSv1", "mode: enforce", f"mx: {MX1}",
+                                       "mx: *.backup.sts.test", "max_age: 86400"]
+    assert entry["summary"] == {"total-successful-session-count": 3, "total-failure-session-count": 3}
+    details = {(d["result-type"], d["receiving-mx-hostname"]): d for d in entry["failure-details"]}
+    assert set(details) == {("certificate-expired", MX1), ("starttls-not-supported", MX2)}
+    assert details[("certificate-expired", MX1)]["failed-session-count"] == 2
+    assert details[("starttls-not-supported", MX2)]["failed-session-count"] == 1
+    assert details[("certificate-expired", MX1)]["failure-reason-code"] == "certificate has expired"
+
+
+def publish_tlsrpt(dns: TestDNS, rua: str, domain: str = DOMAIN) -> None:
+    dns.add(f"_smtp._tls.{domain}", "TXT", f"v=TLSRPTv1; rua={rua}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_tlsrpt_report_by_mail(start_gateway, tmp_path, test_dns, https, sinks, ca, ca_path):
+    """send_due() mails the report of each finished day to the mailto:
+    rua of _smtp._tls.sts.test, through the gateway's own queue to the MX
+    of reports.test: an RFC 8460 §5.3 multipart/report;
+    report-type="tlsrpt" message with TLS-Report-Domain and
+    TLS-Report-Submitter headers and an application/tlsrpt+gzip
+    attachment (named as in §5.1) whose JSON carries the §4.4 fields.
+    Today's counts (a real verified delivery) are kept for tomorrow; the
+    sent day is forgotten, so a second call sends nothing."""
+    sink = mx_sink(sinks, ca, "good")
+    publish(test_dns, [(MX1, "127.0.0.1")])
+    test_dns.add("reports.test", "MX", (10, "mx.reports.test"))
+    test_dns.add("mx.reports.test", "A", "127.0.0.1")
+    publish_tlsrpt(test_dns, "mailto:tlsrpt@reports.test")
+    https.serve(POLICY_PATH, policy_text())
+    service = start_gateway(sts_config(tmp_path, test_dns, https, sink.port, ca_path))
+    await deliver_once(service, sink, 1, "today")
+    day = record_yesterday(service)
+
+    assert await service.mta_sts.send_due() == 1
+    messages = await wait_message(sink, 2)
+    got = next(m for m in messages if m.recipients == ["tlsrpt@reports.test"])
+    assert got.sender == "tlsrpt@example.test"
+    message = email.message_from_bytes(got.content, policy=email.policy.default)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "tlsrpt"
+    assert message["TLS-Report-Domain"] == DOMAIN
+    assert message["TLS-Report-Submitter"] == "mx.example.test"
+    assert message["Subject"].startswith(f"Report Domain: {DOMAIN} Submitter: mx.example.test Report-ID: <")
+    parts = list(message.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "application/tlsrpt+gzip"]
+    attachment = parts[1]
+    start = calendar.timegm(time.strptime(day, "%Y-%m-%d"))  # that day's 00:00 UTC
+    assert attachment.get_filename().startswith(f"mx.example.test!{DOMAIN}!{start}!{start + 86399}!")
+    assert attachment.get_filename().endswith(".json.gz")
+    report = json.loads(gzip.decompress(attachment.get_payload(decode=True)))
+    check_report_json(report, day)
+    assert report["report-id"] in message["Subject"]
+
+    assert not (tmp_path / "mta-sts" / "tlsrpt" / f"{day}.json").exists()
+    assert service.mta_sts.reports.day(day_of(time.time()))[DOMAIN].successes == 1
+    assert await service.mta_sts.send_due() == 0
+
+
+class _ReportCollector(resource.Resource):
+    """An https: rua endpoint: records each POST (path, Content-Type, body)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.posts: list[tuple[str, str | None, bytes]] = []
+
+    def render_POST(self, request: server.Request) -> bytes:
+        content_type = request.getHeader(b"content-type")
+        self.posts.append((request.path.decode("ascii"), content_type.decode("latin-1") if content_type else None,
+                           request.content.read()))
+        request.setResponseCode(200)
+        return b"thanks\n"
+
+
+@pytest.fixture
+def report_endpoint(ca: TestCA):
+    """An HTTPS server on 127.0.0.1 (certificate for that IP from the test
+    CA) collecting TLS-RPT POSTs; yields (collector, port)."""
+    collector = _ReportCollector()
+    site = server.Site(collector)
+    port = reactor.listenSSL(0, site, ca.issue("127.0.0.1").server_options(), interface="127.0.0.1")
+    yield collector, port.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest_twisted.ensureDeferred
+async def test_tlsrpt_report_by_https_post(start_gateway, tmp_path, test_dns, https, sinks, ca, ca_path,
+                                           report_endpoint):
+    """An https: rua receives the report as a POST (RFC 8460 §5.2) with
+    Content-Type application/tlsrpt+gzip; the gunzipped body is the same
+    RFC 8460 §4.4 JSON."""
+    collector, port = report_endpoint
+    sink = mx_sink(sinks, ca, "good")
+    publish(test_dns, [(MX1, "127.0.0.1")])
+    publish_tlsrpt(test_dns, f"https://127.0.0.1:{port}/v1/tlsrpt")
+    service = start_gateway(sts_config(tmp_path, test_dns, https, sink.port, ca_path))
+    day = record_yesterday(service)
+    assert await service.mta_sts.send_due() == 1
+    assert len(collector.posts) == 1
+    path, content_type, body = collector.posts[0]
+    assert path == "/v1/tlsrpt" and content_type == "application/tlsrpt+gzip"
+    check_report_json(json.loads(gzip.decompress(body)), day)
+    assert sink.messages == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_tlsrpt_no_record_no_report(start_gateway, tmp_path, test_dns, https, sinks, ca, ca_path):
+    """A domain without a _smtp._tls TXT record gets no report; its
+    finished day is dropped all the same."""
+    sink = mx_sink(sinks, ca, "good")
+    publish(test_dns, [(MX1, "127.0.0.1")])
+    service = start_gateway(sts_config(tmp_path, test_dns, https, sink.port, ca_path))
+    day = record_yesterday(service)
+    assert await service.mta_sts.send_due() == 0
+    assert not (tmp_path / "mta-sts" / "tlsrpt" / f"{day}.json").exists()
+    await task.deferLater(reactor, 0.5, lambda: None)
+    assert sink.messages == [] and snapshot(tmp_path, "incoming") == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "RFC 8460 §5.3.1: reports sent by SMTP MUST NOT honor MTA-STS failures; gateway/stsservice.py "
+    "queues them with scheduler.inject(listener='tlsrpt') and gateway/scheduler.py applies the "
+    "rua domain's MTA-STS policy to them like any message, so the report is deferred"))
+@pytest_twisted.ensureDeferred
+async def test_tlsrpt_report_ignores_mta_sts_of_rua_domain(start_gateway, tmp_path, test_dns, https, sinks,
+                                                           ca, ca_path):
+    """The report about sts.test goes to tlsrpt@sts.test, whose MX fails
+    MTA-STS (expired certificate, enforce): RFC 8460 §5.3.1 says the
+    report must be delivered anyway (here at the route's level, "may"),
+    precisely because it reports that failure."""
+    sink = mx_sink(sinks, ca, "expired")
+    publish(test_dns, [(MX1, "127.0.0.1")])
+    publish_tlsrpt(test_dns, "mailto:tlsrpt@sts.test")
+    https.serve(POLICY_PATH, policy_text())
+    service = start_gateway(sts_config(tmp_path, test_dns, https, sink.port, ca_path))
+    record_yesterday(service)
+    assert await service.mta_sts.send_due() == 1
+    await wait_until(lambda: sink.messages or deferred_to(tmp_path, "tlsrpt@sts.test"),
+                     "the report delivered or deferred")
+    assert [m.recipients for m in sink.messages] == [["tlsrpt@sts.test"]]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gateway/scheduler.py _report() passes the MX host's address as ip=, and gateway/tlsrpt.py "
+    "build_report() writes it as sending-mta-ip (RFC 8460 §4.4: the *sending* MTA's IP); the "
+    "receiving MX's address belongs in receiving-ip"))
+@pytest_twisted.ensureDeferred
+async def test_tlsrpt_failure_details_name_receiving_ip(start_gateway, tmp_path, test_dns, https, sinks,
+                                                        ca, ca_path):
+    """A failed session with an MX at 127.0.0.2 (the gateway connects
+    from 127.0.0.1) is reported with receiving-ip 127.0.0.2 and not with
+    the MX's address as sending-mta-ip (RFC 8460 §4.4)."""
+    from gateway.tlsrpt import build_report
+
+    port = shared_port("127.0.0.2")
+    sink = mx_sink(sinks, ca, "wrong-name", host="127.0.0.2", port=port)
+    publish(test_dns, [(MX1, "127.0.0.2")])
+    https.serve(POLICY_PATH, policy_text())
+    service = start_gateway(sts_config(tmp_path, test_dns, https, sink.port, ca_path))
+    await submit(service, b"Subject: receiving ip\r\n\r\nhello\r\n")
+    await wait_deferred(tmp_path)
+    entries = [e[DOMAIN] for e in service.mta_sts.reports.days.values() if DOMAIN in e]
+    report = build_report(organization="o", contact="c", day=day_of(time.time()), domain=DOMAIN,
+                          entry=entries[0], report_id="r")
+    detail, = report["policies"][0]["failure-details"]
+    assert detail["receiving-mx-hostname"] == MX1
+    assert detail.get("receiving-ip") == "127.0.0.2"
+    assert detail.get("sending-mta-ip") != "127.0.0.2"
+
+
+# -- gatewayctl mta-sts ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_gatewayctl_mta_sts_check_and_cache(start_gateway, tmp_path, test_dns, https, sinks, ca, ca_path):
+    """C{gatewayctl mta-sts check sts.test --json}, run against the
+    loopback DNS, HTTPS and MX hosts, shows the TXT record and id, the
+    fetched policy, and each MX host with whether the policy allows it
+    and whether its certificate is valid (mx1: allowed, valid; mx2: not
+    allowed, wrong name).  The text form says the same.  C{mta-sts cache
+    --json} lists nothing before the first delivery and the cached
+    policy after it."""
+    port = shared_port("127.0.0.1", "127.0.0.2")
+    sink = mx_sink(sinks, ca, "good", name=MX1, host="127.0.0.1", port=port)
+    mx_sink(sinks, ca, "wrong-name", name=MX2, host="127.0.0.2", port=port)
+    publish(test_dns, [(MX1, "127.0.0.1"), (MX2, "127.0.0.2")])
+    https.serve(POLICY_PATH, policy_text(mx=(MX1,)))
+    service = start_gateway(sts_config(tmp_path, test_dns, https, port, ca_path))
+    config = str(tmp_path / "gateway.toml")
+
+    done = await run_ctl("mta-sts", "check", DOMAIN, "-c", config, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["domain"] == DOMAIN and result["txt_name"] == TXT_NAME
+    assert result["txt_records"] == ["v=STSv1; id=1"] and result["policy_id"] == "1"
+    assert result["txt_error"] is None and result["error"] is None
+    assert result["policy_url"] == f"https://{POLICY_HOST}:{https.port}{POLICY_PATH}"
+    assert result["policy"] == {"version": "STSv1", "mode": "enforce", "mx": [MX1], "max_age": 86400}
+    rows = {row["host"]: row for row in result["mx"]}
+    assert set(rows) == {MX1, MX2}
+    assert rows[MX1]["address"] == "127.0.0.1" and rows[MX1]["port"] == port
+    assert rows[MX1]["in_policy"] is True and rows[MX1]["certificate"] == "valid"
+    assert rows[MX2]["address"] == "127.0.0.2"
+    assert rows[MX2]["in_policy"] is False and rows[MX2]["certificate"] == "invalid"
+    assert rows[MX2]["tls_failure"] == "certificate-host-mismatch"
+
+    text = await run_ctl("mta-sts", "check", DOMAIN, "-c", config)
+    assert text.returncode == 0, text.stderr
+    assert "id=1" in text.stdout and "mode=enforce" in text.stdout
+    assert any(MX1 in line and "in policy" in line and "certificate valid" in line
+               for line in text.stdout.splitlines()), text.stdout
+    assert any(MX2 in line and "NOT in policy" in line and "certificate invalid" in line
+               for line in text.stdout.splitlines()), text.stdout
+
+    empty = await run_ctl("mta-sts", "cache", "-c", config, "--json")
+    assert empty.returncode == 0 and json.loads(empty.stdout) == []
+    await deliver_once(service, sink, 1, "cache")
+    cached = await run_ctl("mta-sts", "cache", "-c", config, "--json")
+    assert cached.returncode == 0, cached.stderr
+    row, = json.loads(cached.stdout)
+    assert row["domain"] == DOMAIN and row["id"] == "1" and row["mode"] == "enforce"
+    assert row["mx"] == [MX1] and row["max_age"] == 86400 and row["expired"] is False
+    assert row["expires_at"] - row["fetched_at"] == pytest.approx(86400)
+
+
+@pytest_twisted.ensureDeferred
+async def test_gatewayctl_mta_sts_check_reports_refused_policy(start_gateway, tmp_path, test_dns, https,
+                                                               sinks, ca, ca_path):
+    """C{gatewayctl mta-sts check} with a policy host answering text/html:
+    no policy, the error and its TLS-RPT result type are shown, and MX
+    hosts are listed with in_policy null."""
+    sink = mx_sink(sinks, ca, "good")
+    publish(test_dns, [(MX1, "127.0.0.1")])
+    https.serve(POLICY_PATH, policy_text(), content_type="text/html")
+    start_gateway(sts_config(tmp_path, test_dns, https, sink.port, ca_path))
+    done = await run_ctl("mta-sts", "check", DOMAIN, "-c", str(tmp_path / "gateway.toml"), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["policy"] is None and result["policy_id"] == "1"
+    assert result["error_kind"] == "content-type" and result["result_type"] == "sts-policy-fetch-error"
+    assert "text/html" in result["error"]
+    row, = result["mx"]
+    assert row["host"] == MX1 and row["in_policy"] is None and row["certificate"] == "valid"

@@ -161,6 +161,36 @@ class MTASTSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """C{[store]}: the shared-state back end used by rate limits,
+    greylisting and DNSBL caching: C{memory} (default), C{file} (survives a
+    restart) or C{redis} (shared by several gateways)."""
+
+    backend: str = "memory"
+    path: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 2.0
+    prefix: str = "mailgateway:"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """C{[metrics]}: the Prometheus endpoint; off when C{listen} is empty."""
+
+    listen: str = ""
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """C{[log]}: format (C{text} or C{json}), level and an optional file."""
+
+    format: str = "text"
+    level: str = "info"
+    file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """C{[auth]}: where SMTP AUTH checks passwords, who may send as whom,
     and how password guessing is throttled."""
@@ -210,6 +240,9 @@ class GatewayConfig:
     route_tls: Mapping[str, str] = field(default_factory=dict)
     auth: AuthConfig = AuthConfig()
     mta_sts: MTASTSConfig = MTASTSConfig()
+    store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()
     plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -696,6 +729,43 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         raise t.error("report_interval", "must be at least 60 seconds")
     t.finish()
 
+    t = _Table(path, "[store]", top.get("store", dict, {}))
+    backend = t.get("backend", str, "memory")
+    if backend not in ("memory", "file", "redis"):
+        raise t.error("backend", f"must be memory, file or redis; got {backend!r}")
+    store = StoreConfig(
+        backend=backend,
+        path=_path(base, t.get("path", str, "var/state")),
+        redis_url=t.get("redis_url", str, StoreConfig().redis_url),
+        timeout=t.convert("timeout", parse_duration, 2.0),
+        prefix=t.get("prefix", str, "mailgateway:"),
+    )
+    if backend == "redis" and not store.redis_url.startswith(("redis://", "unix://")):
+        raise t.error("redis_url", "expected redis://host:port/db or unix:///path")
+    t.finish()
+
+    t = _Table(path, "[metrics]", top.get("metrics", dict, {}))
+    listen = t.get("listen", str, "")
+    if listen:
+        try:
+            host, port, _ = parse_host_port(listen, 9464)
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise t.error("listen", f"expected ip:port: {exc}") from None
+    metrics = MetricsConfig(listen=listen, path=t.get("path", str, "/metrics"))
+    t.finish()
+
+    t = _Table(path, "[log]", top.get("log", dict, {}))
+    log_format = t.get("format", str, "text")
+    if log_format not in ("text", "json"):
+        raise t.error("format", f"must be text or json; got {log_format!r}")
+    level = t.get("level", str, "info")
+    if level not in ("debug", "info", "warn", "error", "critical"):
+        raise t.error("level", f"must be debug, info, warn, error or critical; got {level!r}")
+    log_file = t.get("file", str, "")
+    log_config = LogConfig(format=log_format, level=level, file=_path(base, log_file) if log_file else "")
+    t.finish()
+
     t = _Table(path, "[limits]", top.get("limits", dict, {}))
     d = LimitsConfig()
     limits = LimitsConfig(
@@ -731,5 +801,6 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     top.finish()
     return GatewayConfig(
         path=path, server=server, listeners=listeners, tls=tls, queue=queue, dns=dns,
-        relay=relay, routes=routes, route_tls=route_tls, auth=auth, mta_sts=mta_sts, limits=limits, plugin_tables=plugin_tables,
+        relay=relay, routes=routes, route_tls=route_tls, auth=auth, mta_sts=mta_sts,
+        store=store, metrics=metrics, log=log_config, limits=limits, plugin_tables=plugin_tables,
     )

@@ -68,8 +68,23 @@ class DeliveryError(Exception):
         self.tls_failure = tls_failure
 
 
-def classify_tls_failure(reason: Any) -> str:
-    """The RFC 8460 §4.3 result type for why a TLS session failed."""
+#: OpenSSL X509_V_ERR_* codes -> RFC 8460 §4.3 result types.
+_VERIFY_RESULTS = {
+    9: "certificate-expired",    # not yet valid
+    10: "certificate-expired",   # has expired
+    2: "certificate-not-trusted", 18: "certificate-not-trusted", 19: "certificate-not-trusted",
+    20: "certificate-not-trusted", 21: "certificate-not-trusted", 27: "certificate-not-trusted",
+}
+
+
+def classify_tls_failure(reason: Any, verify_result: int | None = None) -> str:
+    """The RFC 8460 §4.3 result type for why a TLS session failed.
+
+    @param verify_result: OpenSSL's X509 verify result of the session, when
+        known: the error text alone only says "certificate verify failed".
+    """
+    if verify_result in _VERIFY_RESULTS:
+        return _VERIFY_RESULTS[verify_result]
     value = getattr(reason, "value", reason)
     name = type(value).__name__
     text = str(value).lower()
@@ -332,8 +347,12 @@ class Connection:
         except DeliveryError as exc:
             cause = self.proto.lost_reason
             detail = str(getattr(cause, "value", cause) or exc)[:200]
+            try:
+                verify_result = self.proto.transport.getHandle().get_verify_result()
+            except Exception:
+                verify_result = None
             raise DeliveryError(local_failure("4.7.5", f"TLS handshake with {self.host} failed: {detail}"),
-                                tls_failure=classify_tls_failure(cause)) from None
+                                tls_failure=classify_tls_failure(cause, verify_result)) from None
         from gateway.tls import tls_info
 
         info = tls_info(self.proto.transport)

@@ -122,3 +122,36 @@ STAGE_INTERFACES = {
     "queued": (IQueuedObserver, "message_queued"),
 }
 """Stage name -> (interface, method name), in transaction order."""
+
+
+class IStateStore(Interface):
+    """Shared state for policy plugins (rate limits, greylisting, DNSBL
+    cache): counters with expiry, sets and key/value with a TTL.
+
+    Every method returns a Deferred; a store that cannot answer (Redis down,
+    time-out) errbacks with L{gateway.store.StoreError}, and each plugin
+    decides, per its C{on_store_error} option, to fail open or closed.
+    Keys are plain strings; the store adds its configured prefix.
+    """
+
+    def incr(key, amount=1, ttl=None):
+        """Add C{amount} to the counter C{key} (created at 0) and return the
+        new value.  @param ttl: seconds; set when the key is created."""
+
+    def get(key):
+        """The bytes stored under C{key}, or None."""
+
+    def set(key, value, ttl=None):
+        """Store bytes C{value} under C{key}, expiring after C{ttl} seconds."""
+
+    def delete(key):
+        """Remove C{key}."""
+
+    def sadd(key, member, ttl=None):
+        """Add C{member} to the set C{key}; True when it was new."""
+
+    def sismember(key, member):
+        """True when C{member} is in the set C{key}."""
+
+    def close():
+        """Release connections (called at shutdown)."""

@@ -47,6 +47,8 @@ class PluginContext:
     @ivar resolver: a twisted.names IResolver, or None when DNS is not set up.
     @ivar config: the whole validated L{GatewayConfig}.
     @ivar run_in_thread: C{f(*args) -> Deferred} for blocking or heavy work.
+    @ivar store: the shared-state store (L{gateway.interfaces.IStateStore}),
+        or None where none was set up (unit tests).
     """
 
     name: str
@@ -54,6 +56,7 @@ class PluginContext:
     resolver: Any
     config: GatewayConfig
     run_in_thread: Callable[..., Any]
+    store: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +197,8 @@ class PluginRegistry:
             self.settings[name] = build_options(self.factories[name], table, config.path)
 
     def build_pipeline(self, listener: ListenerConfig, clock: IReactorTime, resolver: Any,
-                       run_in_thread: Callable[..., Any], built: dict[str, Any] | None = None) -> Pipeline:
+                       run_in_thread: Callable[..., Any], built: dict[str, Any] | None = None,
+                       store: Any = None) -> Pipeline:
         """Build (or reuse from C{built}) the listener's plugins, in order.
 
         @param built: a cache shared by the listeners, so that one plugin
@@ -205,7 +209,7 @@ class PluginRegistry:
         for name in listener.plugins:
             settings = self.settings[name]
             if name not in built:
-                context = PluginContext(name, clock, resolver, self.config, run_in_thread)
+                context = PluginContext(name, clock, resolver, self.config, run_in_thread, store)
                 plugin = self.factories[name].build(settings.options, context)
                 for interface, _ in STAGE_INTERFACES.values():
                     if interface.providedBy(plugin):

@@ -132,6 +132,7 @@ class DeliveryScheduler(service.Service):
         self.stats = collections.Counter()
         self.sts = sts
         self.tls_reports = tls_reports
+        self._sts_exempt: set[str] = set()
 
     # -- service -------------------------------------------------------------
 
@@ -233,9 +234,16 @@ class DeliveryScheduler(service.Service):
         self._inflight[queue_id] = message
         pending = [r.address for r in envelope.recipients if r.status in ("pending", "deferred")]
         by_destination: dict[str, _Job] = {}
+        exempt = envelope.listener == "tlsrpt"
         for address in pending:
             domain = address.rpartition("@")[2]
             destination = self.router.destination(domain)
+            if exempt:
+                # RFC 8460 §5.3.1: a TLS report must not be held back by the
+                # very failures it reports, so it travels outside MTA-STS
+                # (on connections of its own).
+                destination = dataclasses.replace(destination, key=destination.key + "|tlsrpt")
+                self._sts_exempt.add(destination.key)
             job = by_destination.get(destination.key)
             if job is None:
                 job = by_destination[destination.key] = _Job(message, destination, [])
@@ -307,7 +315,7 @@ class DeliveryScheduler(service.Service):
         are next hops the admin chose (RFC 8461 §... "MX host" semantics).
         A policy in mode none, or none at all, gives None.
         """
-        if self.sts is None or destination.kind != "mx":
+        if self.sts is None or destination.kind != "mx" or destination.key in self._sts_exempt:
             return None
         entry, reason = await self.sts.policy_for(destination.domain)
         if entry is None:

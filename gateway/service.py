@@ -47,6 +47,7 @@ class Gateway:
     run_in_thread: Any
     recovered: dict[str, int] = field(default_factory=dict)
     checker: Any = None
+    store: Any = None
 
 
 def _check_port_free(config: GatewayConfig, listener: ListenerConfig) -> None:
@@ -91,6 +92,11 @@ def prepare(config_path: str, reactor: Any) -> Gateway:
     for listener in config.listeners:
         _check_port_free(config, listener)
     resolver = make_resolver(config.dns, reactor)
+    from gateway.store import StoreError, make_store
+    try:
+        store = make_store(config.store, reactor, run_in_thread)
+    except StoreError as exc:
+        raise ConfigError(config.path, "[store] backend", str(exc)) from None
     if config.relay.ca_file:
         from gateway.tls import trust_root
         try:
@@ -99,11 +105,12 @@ def prepare(config_path: str, reactor: Any) -> Gateway:
             raise ConfigError(config.path, "[relay] ca_file", str(exc)) from None
     built: dict[str, Any] = {}
     pipelines = {
-        listener.name: registry.build_pipeline(listener, reactor, resolver, run_in_thread, built)
+        listener.name: registry.build_pipeline(listener, reactor, resolver, run_in_thread, built, store)
         for listener in config.listeners
     }
     checker = make_checker(config, run_in_thread)
-    return Gateway(config, spool, registry, pipelines, tls_context, resolver, run_in_thread, recovered, checker)
+    return Gateway(config, spool, registry, pipelines, tls_context, resolver, run_in_thread, recovered, checker,
+                   store)
 
 
 def make_checker(config: GatewayConfig, run_in_thread: Any) -> Any:

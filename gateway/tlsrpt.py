@@ -182,7 +182,7 @@ def build_report(*, organization: str, contact: str, day: str, domain: str, entr
         result_type, ip, mx, detail = key.split("|", 3)
         item: dict[str, Any] = {"result-type": result_type, "failed-session-count": count}
         if ip:
-            item["sending-mta-ip"] = ip
+            item["receiving-ip"] = ip
         if mx:
             item["receiving-mx-hostname"] = mx
         if detail:

@@ -763,6 +763,8 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     if level not in ("debug", "info", "warn", "error", "critical"):
         raise t.error("level", f"must be debug, info, warn, error or critical; got {level!r}")
     log_file = t.get("file", str, "")
+    if log_format == "json" and not log_file:
+        raise t.error("file", "format = \"json\" writes its lines to a file: set [log] file")
     log_config = LogConfig(format=log_format, level=level, file=_path(base, log_file) if log_file else "")
     t.finish()
 

@@ -341,16 +341,14 @@ class Connection:
                 return
             raise DeliveryError(local_failure("4.7.4", f"STARTTLS refused by {self.host}: {reply}"),
                                 tls_failure="starttls-not-supported")
-        self.proto.transport.startTLS(tls_context(level))
+        context = tls_context(level)
+        self.proto.transport.startTLS(context)
         try:
             await self._ehlo(helo)
         except DeliveryError as exc:
             cause = self.proto.lost_reason
             detail = str(getattr(cause, "value", cause) or exc)[:200]
-            try:
-                verify_result = self.proto.transport.getHandle().get_verify_result()
-            except Exception:
-                verify_result = None
+            verify_result = getattr(context, "verify_error", None)
             raise DeliveryError(local_failure("4.7.5", f"TLS handshake with {self.host} failed: {detail}"),
                                 tls_failure=classify_tls_failure(cause, verify_result)) from None
         from gateway.tls import tls_info

@@ -118,6 +118,8 @@ class Pipeline:
         self.slots = tuple(slots)
         self._clock = clock
         self._soft_bounce = soft_bounce
+        #: A L{gateway.metrics.GatewayMetrics}, set by the service.
+        self.metrics: Any = None
         self._stages: dict[str, tuple[tuple[PluginSlot, Callable[..., Any]], ...]] = {}
         for stage, (interface, method) in STAGE_INTERFACES.items():
             self._stages[stage] = tuple(
@@ -184,6 +186,14 @@ class Pipeline:
 
     def _judge(self, slot: PluginSlot, result: Any, headers: tuple) -> Outcome | tuple:
         """Turn one plugin result into a final Outcome, or the headers so far."""
+        if self.metrics is not None:
+            if isinstance(result, _Failed):
+                action = "timeout" if result.failure.check(_Timeout) else "error"
+            elif isinstance(result, Verdict):
+                action = result.action.value
+            else:
+                action = "continue" if result is None else "error"
+            self.metrics.plugin_verdicts.labels(slot.name, action).inc()
         if isinstance(result, _Failed):
             if result.failure.check(_Timeout):
                 self.log.warn("plugin {plugin} timed out after {timeout}s in {listener}",

@@ -162,6 +162,16 @@ def is_queue_id(value: object) -> bool:
     return isinstance(value, str) and _QUEUE_ID_RE.fullmatch(value) is not None
 
 
+def queue_id_time(queue_id: str) -> float:
+    """The unix time encoded in a queue id (when the message arrived).
+
+    @raise ValueError: If C{queue_id} is not a queue id.
+    """
+    if not is_queue_id(queue_id):
+        raise ValueError(f"not a queue id: {queue_id!r}")
+    return int(queue_id[:_TIME_DIGITS], 32) / 1_000_000
+
+
 def new_queue_id(now: float) -> str:
     """
     Make a new queue id for a message received at C{now}.

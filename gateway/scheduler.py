@@ -132,6 +132,10 @@ class DeliveryScheduler(service.Service):
         self.stats = collections.Counter()
         self.sts = sts
         self.tls_reports = tls_reports
+        #: A L{gateway.metrics.GatewayMetrics}, set by the service.
+        self.metrics: Any = None
+        #: The last delivery errors, for C{gatewayctl status}.
+        self.recent_errors: collections.deque = collections.deque(maxlen=10)
         self._sts_exempt: set[str] = set()
 
     # -- service -------------------------------------------------------------
@@ -187,6 +191,19 @@ class DeliveryScheduler(service.Service):
         self.clock.callLater(0, run)
 
     # -- picking due messages -------------------------------------------------
+
+    def reconfigure(self, config: GatewayConfig, router: Router) -> None:
+        """Take a reloaded config: new routes, limits and timeouts apply to
+        deliveries that start from now; those in flight keep theirs."""
+        relay = config.relay
+        self.config = config
+        self.router = router
+        self.policy = RetryPolicy(initial=config.queue.retry_initial, maximum=config.queue.retry_max,
+                                  max_age=config.queue.max_age)
+        self.timeouts = Timeouts(connect=relay.connect_timeout, greeting=relay.command_timeout,
+                                 command=relay.command_timeout, data_end=relay.data_timeout)
+        self.helo = relay.helo_name or config.server.hostname
+        self._trust = None
 
     def _rescan_deferred(self) -> None:
         """Rebuild the index of deferred messages from disk (start-up, and
@@ -287,6 +304,7 @@ class DeliveryScheduler(service.Service):
                 if sts is not None and sts.mode is Mode.ENFORCE:
                     hosts = self._sts_filter(sts, hosts)
                     if not hosts:
+                        self._sts_decision(sts, "no-matching-mx")
                         reply = local_failure("4.7.5", f"MTA-STS policy of {destination.domain} (enforce) "
                                               f"lists none of its MX hosts; not delivering ({sts.reason})")
                         self._fail_queued(queue, reply, None, False)
@@ -335,7 +353,12 @@ class DeliveryScheduler(service.Service):
                 self.log.info("{domain}: MTA-STS enforce: skipping MX {host}, not in the policy",
                               domain=sts.domain, host=host.name)
                 self._report(sts, False, "validation-failure", host, "mx-not-in-policy")
+                self._sts_decision(sts, "mx-not-in-policy")
         return matching
+
+    def _sts_decision(self, sts: "_STS", outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.mta_sts.labels(sts.mode.value, outcome).inc()
 
     def _report(self, sts: "_STS", success: bool, result_type: str | None = None,
                 host: Any = None, detail: str | None = None) -> None:
@@ -379,6 +402,7 @@ class DeliveryScheduler(service.Service):
                         kind = exc.tls_failure
                         if kind is not None:
                             self._report(sts, False, kind, host, str(exc.reply)[:120])
+                            self._sts_decision(sts, kind)
                             outcome = f" (MTA-STS {sts.mode.value}: {kind})"
                     self.log.info("{domain}: {host}[{address}]:{port} failed: {reason}{sts}",
                                   domain=destination.domain, host=host.name, address=host.address,
@@ -391,6 +415,7 @@ class DeliveryScheduler(service.Service):
                     if verified:
                         self._report(sts, True, host=host)
                     connection.sts = f"{sts.mode.value}:{'verified' if verified else 'unverified'}"
+                    self._sts_decision(sts, "verified" if verified else "unverified-delivery")
                 return connection, last
         return None, last
 
@@ -432,6 +457,15 @@ class DeliveryScheduler(service.Service):
         outcome = {r.address: ("sent" if r.delivered else "bounced" if (r.permanent or permanent_error)
                                else "deferred") for r in results}
         replies = {str(r.reply) for r in results}
+        tls_label = "verified" if connection.tls_verified else ("tls" if connection.tls_version else "none")
+        for address, result in outcome.items():
+            if self.metrics is not None:
+                self.metrics.deliveries.labels(result, tls_label).inc()
+                if result == "sent":
+                    self.metrics.delivery_seconds.observe(max(0.0, self.now() - envelope.received_at))
+            if result != "sent":
+                self.recent_errors.append({"time": self.now(), "queue_id": envelope.queue_id, "rcpt": address,
+                                           "relay": remote, "reply": " | ".join(sorted(replies))})
         self.log.info(
             "{queue_id} relay={relay} tls={tls} verified={verified} mta_sts={mta_sts} delay={delay:.1f}s "
             "rcpt=[{rcpt}] reply=\"{reply}\"",
@@ -446,6 +480,10 @@ class DeliveryScheduler(service.Service):
         while queue.jobs:
             job = queue.jobs.popleft()
             for address in job.recipients:
+                if self.metrics is not None:
+                    self.metrics.deliveries.labels("bounced" if permanent else "deferred", "none").inc()
+                self.recent_errors.append({"time": self.now(), "queue_id": job.message.queue_id, "rcpt": address,
+                                           "relay": "none", "reply": str(reply)})
                 self.log.info("{queue_id} to=<{rcpt}> relay=none result={result} reply=\"{reply}\"",
                               queue_id=job.message.queue_id, rcpt=address,
                               result="bounced" if permanent else "deferred", reply=str(reply))

@@ -135,6 +135,10 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             return
         self._slot_taken = True
         self.gateway.open_connections.add(self)
+        metrics = self.gateway.metrics
+        if metrics is not None:
+            metrics.connections.labels(self.listener.name).inc()
+            metrics.connections_open.labels(self.listener.name).inc()
         if self.listener.tls == "implicit":
             self._tls_pending = True
         self._restart_timer()
@@ -180,6 +184,8 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             self._slot_taken = False
             self.gateway.limiter.release(self.session.peer)
             self.gateway.open_connections.discard(self)
+            if self.gateway.metrics is not None:
+                self.gateway.metrics.connections_open.labels(self.listener.name).dec()
 
     @property
     def busy(self) -> bool:
@@ -320,6 +326,9 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
     def _send(self, reply: Reply) -> None:
         if self.state != CLOSED:
             self.transport.write(reply.to_bytes())
+            counters = self.gateway.reply_counters
+            if counters is not None:
+                counters[reply.code // 100].inc()
 
     def _close(self) -> None:
         self.state = CLOSED
@@ -354,6 +363,8 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
         if self._tls_pending:
             self._tls_pending = False
             self.session.tls = tls_info(self.transport)
+            if self.session.tls is not None and self.gateway.metrics is not None:
+                self.gateway.metrics.tls_sessions.labels(self.listener.name, self.session.tls.version).inc()
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -485,7 +496,7 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             return
         size = params.get("SIZE")
         transaction = Transaction(sender=sender, mail_params=params,
-                                  size_hint=int(size) if size else None)
+                                  size_hint=int(size) if size else None, started=time.monotonic())
 
         def done(outcome: Outcome) -> None:
             if outcome.failed:
@@ -659,6 +670,8 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             self.log.info("{queue_id}: removed {count} forged Authentication-Results header(s)",
                           queue_id=transaction.queue_id, count=data.forged_removed)
         envelope = self._envelope(session, transaction, headers, added, data)
+        metrics = self.gateway.metrics
+        commit_started = time.monotonic()
         try:
             queue_id = await self.gateway.spool.commit(data.writer, envelope)
         except QueueError as exc:
@@ -667,6 +680,11 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             self._log_transaction(session, transaction, R.STORAGE_FAILED, data.decoder.size)
             return R.STORAGE_FAILED, False
         reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        if metrics is not None:
+            metrics.commit_seconds.observe(time.monotonic() - commit_started)
+            metrics.messages_accepted.labels(self.listener.name).inc()
+            metrics.bytes_accepted.labels(self.listener.name).inc(data.decoder.size)
+            metrics.record_transaction_notes(transaction.notes, added)
         self._log_transaction(session, transaction, reply, data.decoder.size)
         self.gateway.message_queued(queue_id)
         observed = self.pipeline.run("queued", session, transaction, queue_id)
@@ -700,6 +718,12 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
         )
 
     def _log_transaction(self, session: Session, transaction: Transaction, reply: Reply, size: int) -> None:
+        metrics = self.gateway.metrics
+        if metrics is not None:
+            outcome = "accepted" if reply.code < 400 else "tempfailed" if reply.code < 500 else "rejected"
+            metrics.transactions.labels(self.listener.name, outcome).inc()
+            if transaction.started:
+                metrics.transaction_seconds.observe(time.monotonic() - transaction.started)
         self.log.info(
             "{queue_id} listener={listener} client={client} helo={helo} sender=<{sender}> "
             "rcpt={rcpt} size={size} tls={tls} auth={auth} plugins=[{plugins}] reply=\"{reply}\"",
@@ -727,7 +751,8 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
     def __init__(self, listener: ListenerConfig, config: GatewayConfig, pipeline: Pipeline,
                  spool: Spool, clock: IReactorTime, limiter: ConnectionLimiter,
                  tls_context: Any = None, on_queued: Callable[[str], None] | None = None,
-                 checker: Any = None, auth_failures: Any = None, resolver: Any = None) -> None:
+                 checker: Any = None, auth_failures: Any = None, resolver: Any = None,
+                 metrics: Any = None) -> None:
         smtp.SMTPFactory.__init__(self)
         self.listener = listener
         self.config = config
@@ -740,6 +765,10 @@ class GatewaySMTPFactory(smtp.SMTPFactory):
         self._on_queued = on_queued
         self.checker = checker
         self.resolver = resolver
+        self.metrics = metrics
+        self.reply_counters = None
+        if metrics is not None:
+            self.reply_counters = {n: metrics.replies.labels(listener.name, f"{n}xx") for n in (2, 3, 4, 5)}
         if auth_failures is None:
             from gateway.credentials import FailureCounter
             auth_failures = FailureCounter(clock)

@@ -108,6 +108,7 @@ class Transaction:
     queue_id: str | None = None
     add_headers: list[tuple[str, str]] = field(default_factory=list)
     size_hint: int | None = None
+    started: float = 0.0
     results: Results = field(default_factory=Results)
     notes: Notes = field(default_factory=Notes)
 

@@ -156,6 +156,8 @@ class SMTPAuthMixin:
         def succeeded(avatar: Any) -> None:
             name = avatar.decode() if isinstance(avatar, bytes) else str(avatar)
             session.auth_user = name
+            if self.gateway.metrics is not None:
+                self.gateway.metrics.auth.labels("success").inc()
             self.log.info("AUTH success user={user} client={client}", user=name, client=session.peer)
             self._send(Reply(235, "2.7.0", "Authentication successful"))
 
@@ -168,6 +170,8 @@ class SMTPAuthMixin:
                 self.log.failure("AUTH checker failed for user={user} client={client}: {reason}", failure,
                                  user=user, client=session.peer, reason=str(failure.value))
                 return Reply(454, "4.7.0", "Temporary authentication failure")
+            if self.gateway.metrics is not None:
+                self.gateway.metrics.auth.labels("failure").inc()
             delay = failures.record(session.peer, user)
             self.log.info("AUTH failure user={user} client={client} failures={failures} delay={delay}",
                           user=user, client=session.peer, failures=failures.failures(session.peer, user),

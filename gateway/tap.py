@@ -35,4 +35,4 @@ def makeService(options: Options):
         gateway = prepare(options["config"], reactor)
     except (ConfigError, StartupError) as exc:
         raise SystemExit(f"mailgateway: {exc}")
-    return GatewayService(gateway, reactor)
+    return GatewayService(gateway, reactor, options["config"], install_signals=True)

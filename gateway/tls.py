@@ -186,7 +186,51 @@ def client_context_factory(level: str, hostname: str, trust: Any) -> Any:
     opportunistic security).  TLS 1.2 or later in every case.
     """
     if level == "verify":
-        return ssl.optionsForClientTLS(
+        return VerifyRecorder(ssl.optionsForClientTLS(
             hostname, trustRoot=trust,
-            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}))
     return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+
+def _client_creator_interface() -> Any:
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+    return IOpenSSLClientConnectionCreator
+
+
+@implementer(_client_creator_interface())
+class VerifyRecorder:
+    """Wraps a verifying client connection creator and remembers OpenSSL's
+    certificate verification error (X509_V_ERR_*), so that a failed
+    handshake can be reported as expired, untrusted, ... (RFC 8460 §4.3):
+    the error text alone only says "certificate verify failed".
+
+    Twisted verifies the chain and the host name in one per-connection
+    callback; this wraps that very callback (from C{_sslverify}), so the
+    verification itself is unchanged.  Should Twisted's internals move,
+    the wrapper steps aside and only the precision of the report suffers.
+
+    @ivar verify_error: the first error code seen, or None.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.verify_error: int | None = None
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        connection = self.inner.clientConnectionForTLS(tls_protocol)
+        try:
+            from OpenSSL import SSL
+            from twisted.internet._sslverify import _verifyCB
+
+            twisted_check = _verifyCB(tls_protocol, self.inner._hostnameIsDnsName, self.inner._hostnameASCII)
+        except (ImportError, AttributeError):
+            return connection
+
+        def record(conn: Any, cert: Any, errno: int, depth: int, ok: Any) -> bool:
+            if not ok and self.verify_error is None:
+                self.verify_error = errno
+            return twisted_check(conn, cert, errno, depth, ok)
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, record)
+        return connection

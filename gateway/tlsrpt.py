@@ -60,6 +60,11 @@ def parse_txt(records: Iterable[str]) -> list[str]:
     return [u for u in uris if u.startswith(("mailto:", "https:")) and len(u) > 8]
 
 
+def _day_end(day: str) -> float:
+    start = datetime.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
+    return start.timestamp() + 86400
+
+
 def day_of(moment: float) -> str:
     """The UTC day (YYYY-MM-DD) a unix time falls in."""
     return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -226,7 +231,7 @@ def report_email(*, report: dict[str, Any], organization: str, sender: str, reci
         f"To: {recipient}",
         f"Subject: Report Domain: {domain} Submitter: {organization} Report-ID: <{report_id}>",
         f"Date: {email.utils.formatdate(now)}",
-        f"Message-ID: <{report_id}@{hostname}>",
+        f"Message-ID: <tlsrpt.{report_id}@{hostname}>",
         f"TLS-Report-Domain: {domain}",
         f"TLS-Report-Submitter: {organization}",
         "Auto-Submitted: auto-generated",
@@ -280,6 +285,7 @@ class TLSReporter:
         Domains that publish no C{_smtp._tls} record get none."""
         entries = self.store.day(day)
         count = 0
+        failed = False
         for domain, entry in sorted(entries.items()):
             try:
                 records = await self.lookup_txt(f"_smtp._tls.{domain}")
@@ -289,7 +295,7 @@ class TLSReporter:
             uris = parse_txt(records)
             if not uris:
                 continue
-            report_id = f"{day}.{domain}.{secrets.token_hex(6)}@{self.hostname}"
+            report_id = f"{day.replace('-', '')}{secrets.token_hex(8)}"
             report = build_report(organization=self.organization, contact=self.contact, day=day,
                                   domain=domain, entry=entry, report_id=report_id)
             for uri in uris:
@@ -308,11 +314,16 @@ class TLSReporter:
                 except Exception as exc:
                     self._log("TLS-RPT report for {domain} to {uri} failed: {reason}",
                               domain=domain, uri=uri, reason=str(exc))
+                    failed = True
                     continue
                 self.sent.append((day, domain, uri))
                 count += 1
                 self._log("TLS-RPT report for {domain} ({day}) sent to {uri}", domain=domain, day=day, uri=uri)
-        await self.run_in_thread(self.store.forget, day)
+        # RFC 8460 §5.5: a failed delivery is retried (on the next run) for
+        # up to a day after the period; then the day is dropped.
+        too_old = self.clock.seconds() - _day_end(day) > 86400
+        if not failed or too_old:
+            await self.run_in_thread(self.store.forget, day)
         return count
 
     def _log(self, text: str, **fields: Any) -> None:

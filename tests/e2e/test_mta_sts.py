@@ -88,6 +88,7 @@ def ca_path(ca: TestCA, tmp_path: Path) -> str:
 
 @pytest.fixture
 def test_dns():
+    """The authoritative DNS server the gateway asks ([dns] servers)."""
     server_ = TestDNS()
     server_.start()
     yield server_
@@ -338,16 +339,15 @@ async def test_enforce_mx_not_in_policy_is_deferred(start_gateway, tmp_path, tes
 NEGOTIATION_FAILURES = {"starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
                         "certificate-not-trusted", "validation-failure"}
 
-CLASSIFY_BUG = ("gateway/delivery.py classify_tls_failure() looks for 'expired' / 'self signed' in the "
-                "exception text, but OpenSSL only says 'certificate verify failed': expired and "
+CLASSIFY_BUG = ("gateway/delivery.py Connection._starttls() reads getHandle().get_verify_result(), which "
+                "pyOpenSSL (26.4) does not have: the AttributeError is swallowed, classify_tls_failure() falls "
+                "back to the error text, which only says 'certificate verify failed', so expired and "
                 "untrusted certificates are reported as validation-failure")
 
 BAD_CERTIFICATES = [
     pytest.param("wrong-name", "certificate-host-mismatch", id="wrong-name"),
-    pytest.param("expired", "certificate-expired", id="expired",
-                 marks=pytest.mark.xfail(strict=True, reason=CLASSIFY_BUG)),
-    pytest.param("self-signed", "certificate-not-trusted", id="self-signed",
-                 marks=pytest.mark.xfail(strict=True, reason=CLASSIFY_BUG)),
+    pytest.param("expired", "certificate-expired", id="expired"),
+    pytest.param("self-signed", "certificate-not-trusted", id="self-signed"),
 ]
 
 
@@ -816,17 +816,14 @@ async def test_tlsrpt_no_record_no_report(start_gateway, tmp_path, test_dns, htt
     assert sink.messages == [] and snapshot(tmp_path, "incoming") == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RFC 8460 §5.3.1: reports sent by SMTP MUST NOT honor MTA-STS failures; gateway/stsservice.py "
-    "queues them with scheduler.inject(listener='tlsrpt') and gateway/scheduler.py applies the "
-    "rua domain's MTA-STS policy to them like any message, so the report is deferred"))
 @pytest_twisted.ensureDeferred
 async def test_tlsrpt_report_ignores_mta_sts_of_rua_domain(start_gateway, tmp_path, test_dns, https, sinks,
                                                            ca, ca_path):
     """The report about sts.test goes to tlsrpt@sts.test, whose MX fails
     MTA-STS (expired certificate, enforce): RFC 8460 §5.3.1 says the
     report must be delivered anyway (here at the route's level, "may"),
-    precisely because it reports that failure."""
+    precisely because it reports that failure.  Ordinary mail to the same
+    domain is still refused."""
     sink = mx_sink(sinks, ca, "expired")
     publish(test_dns, [(MX1, "127.0.0.1")])
     publish_tlsrpt(test_dns, "mailto:tlsrpt@sts.test")
@@ -837,12 +834,15 @@ async def test_tlsrpt_report_ignores_mta_sts_of_rua_domain(start_gateway, tmp_pa
     await wait_until(lambda: sink.messages or deferred_to(tmp_path, "tlsrpt@sts.test"),
                      "the report delivered or deferred")
     assert [m.recipients for m in sink.messages] == [["tlsrpt@sts.test"]]
+    report = email.message_from_bytes(sink.messages[0].content, policy=email.policy.default)
+    assert report["TLS-Report-Domain"] == DOMAIN and sink.messages[0].tls
+    # Ordinary mail to the same domain is still held to the policy.
+    await submit(service, b"Subject: still enforced\r\n\r\nhello\r\n")
+    recipient = await wait_deferred(tmp_path)
+    assert recipient.last_reply.startswith("421 4.7.5")
+    assert len(sink.messages) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/scheduler.py _report() passes the MX host's address as ip=, and gateway/tlsrpt.py "
-    "build_report() writes it as sending-mta-ip (RFC 8460 §4.4: the *sending* MTA's IP); the "
-    "receiving MX's address belongs in receiving-ip"))
 @pytest_twisted.ensureDeferred
 async def test_tlsrpt_failure_details_name_receiving_ip(start_gateway, tmp_path, test_dns, https, sinks,
                                                         ca, ca_path):

@@ -339,7 +339,7 @@ def parse_host_port(value: str, default_port: int) -> tuple[str, int, bool]:
     if not host:
         raise ValueError(f"empty host in {value!r}")
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
             raise ValueError(f"bad port in {value!r}")
         port = int(port_text)
     else:

@@ -21,6 +21,9 @@ is meant for scripts.
     [--bits N] [-c FILE]}: make a signing key (mode 0600) and print its
     TXT record.
   - C{gatewayctl dkim show [DOMAIN] [-c FILE]}: the keys in use and their records.
+  - C{gatewayctl status [--json]}, C{gatewayctl reload}: the running
+    gateway, through its control socket (C{<queue path>/control.sock}).
+  - C{gatewayctl log ID}: every line of C{[log] file} that names ID.
 
 See also: postconf(1), postqueue(1), haraka -o.
 """
@@ -376,6 +379,80 @@ def cmd_mta_sts_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
+    """Ask the running gateway (control socket beside its queue)."""
+    from gateway import control
+
+    config = _load(args.config)
+    try:
+        return control.request(control.socket_path(config.queue.path), command)
+    except ConnectionError as exc:
+        print(f"gatewayctl: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Whether the gateway runs, its version, uptime, listeners, queue and
+    last delivery errors.  Exit status 3 when it is not running (LSB)."""
+    status = _control(args, "status")
+    if status is None:
+        if args.json:
+            print(json.dumps({"running": False}))
+        return 3
+    lines = [f"mailgateway {status['version']} running, pid {status['pid']}, up {_age(status['uptime'])}, "
+             f"config {status['config']} (reloaded {status['reloads']} times)"]
+    for listener in status["listeners"]:
+        lines.append(f"  listener {listener['name']:12} {listener['address']}:{listener['port']} "
+                     f"tls={listener['tls']} auth={'yes' if listener['auth'] else 'no'} "
+                     f"open={listener['open_connections']} plugins={','.join(listener['plugins'])}")
+    lines.append("  queue: " + ", ".join(f"{k}={v}" for k, v in sorted(status["queue"].items())))
+    for error in status["last_delivery_errors"][-5:]:
+        lines.append(f"  error {time.strftime('%H:%M:%S', time.localtime(error['time']))} {error['queue_id']} "
+                     f"<{error['rcpt']}> {error['relay']}: {error['reply']}")
+    _print(status, args.json, "\n".join(lines))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running gateway to reread its config (like SIGHUP); a config
+    that does not validate is refused and printed, exit status 1."""
+    result = _control(args, "reload")
+    if result is None:
+        return 3
+    if result.get("ok"):
+        _print(result, args.json, "reloaded")
+        return 0
+    if args.json:
+        _print(result, True, "")
+    else:
+        print(f"gatewayctl: reload refused: {result.get('error')}", file=sys.stderr)
+    return 1
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    """One message's story from [log] file: every line that names its queue
+    id (the same as: grep QUEUEID LOGFILE)."""
+    config = _load(args.config)
+    if not config.log.file:
+        print("gatewayctl: [log] file is not set; with twistd's own log use: grep QUEUEID twistd.log",
+              file=sys.stderr)
+        return 1
+    found = []
+    try:
+        with open(config.log.file, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if args.queue_id in line:
+                    found.append(line.rstrip("\n"))
+    except FileNotFoundError:
+        print(f"gatewayctl: no log file {config.log.file}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([json.loads(l) if l.startswith("{") else l for l in found], indent=2))
+    else:
+        print("\n".join(found) if found else f"nothing logged for {args.queue_id}")
+    return 0 if found else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayctl", description="Operate a mailgateway.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -439,6 +516,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gateway.dkimkeys import add_dkim_commands
     add_dkim_commands(sub)
+
+    for name, func, text in (("status", cmd_status, "is the gateway running; listeners, queue, last errors"),
+                             ("reload", cmd_reload, "reread the config of the running gateway")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func)
+    p = sub.add_parser("log", help="one message's story from [log] file")
+    p.add_argument("queue_id")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_log)
     return parser
 
 

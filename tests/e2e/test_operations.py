@@ -224,3 +224,48 @@ def test_gatewayctl_status_when_stopped(tmp_path):
     path = write_config(tmp_path, base_config(tmp_path))
     code, out, err = gatewayctl(path, "status")
     assert code == 3 and "no gateway is running" in err
+
+
+def test_sighup_reloads_a_twistd_gateway(tmp_path):
+    """SIGHUP makes a gateway run by twistd reread its config: a listener
+    added to the file starts listening, and the process keeps running."""
+    import signal
+    import time
+
+    from tests.support import twistd_command
+
+    doc = base_config(tmp_path)
+    path = write_config(tmp_path, doc)
+    out = open(tmp_path / "twistd.out", "wb")
+    process = subprocess.Popen(twistd_command(path), stdout=out, stderr=subprocess.STDOUT,
+                               env=subprocess_env(), cwd=tmp_path)
+
+    def wait_for(pattern, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = (tmp_path / "twistd.out").read_text(errors="replace")
+            match = re.search(pattern, text)
+            if match:
+                return match
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in:\n{text}")
+
+    try:
+        wait_for(r"mailgateway started")
+        doc["listener"].append({"name": "extra", "address": "127.0.0.1", "port": 0, "tls": "none",
+                                "plugins": ["relay_guard"]})
+        write_config(tmp_path, doc)
+        process.send_signal(signal.SIGHUP)
+        port = int(wait_for(r"listener extra on 127\.0\.0\.1:(\d+)").group(1))
+        wait_for(r"reloaded ")
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            assert smtp.noop()[0] == 250
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        out.close()

@@ -62,6 +62,9 @@ def make_observer(config: Any) -> tuple[Any, Any] | None:
     file it writes, or None when no file is configured."""
     if not config.file:
         return None
+    import os
+
+    os.makedirs(os.path.dirname(config.file) or ".", exist_ok=True)
     stream = open(config.file, "a", encoding="utf-8")
     inner = JSONLineObserver(stream) if config.format == "json" else textFileLogObserver(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.level])

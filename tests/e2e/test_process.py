@@ -455,6 +455,8 @@ def _sample_with_port_zero(target: Path) -> dict[str, Any]:
             section = stripped
         elif section == "[[listener]]":
             line = re.sub(r"^port\s*=\s*\d+", "port = 0", line)
+        elif section == "[metrics]":
+            line = re.sub(r'^listen\s*=\s*"127\.0\.0\.1:\d+"', 'listen = "127.0.0.1:0"', line)
         out.append(line)
     target.write_text("".join(out))
     original = tomllib.loads(text)
@@ -462,6 +464,8 @@ def _sample_with_port_zero(target: Path) -> dict[str, Any]:
     assert [l["port"] for l in copy["listener"]] == [0] * len(original["listener"])
     for listener in original["listener"]:
         listener["port"] = 0
+    if "metrics" in original:
+        original["metrics"]["listen"] = "127.0.0.1:0"
     assert copy == original
     return copy
 

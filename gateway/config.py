@@ -84,6 +84,7 @@ class ListenerConfig:
     tls: str = "none"
     auth: bool = False
     submission: bool = False
+    require_auth: bool = False
     plugins: tuple[str, ...] = ("relay_guard",)
 
 
@@ -310,7 +311,7 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"expected a size in bytes such as 10485760 or \"10M\"; got {value!r}")
 
 
-def parse_host_port(value: str, default_port: int) -> tuple[str, int, bool]:
+def parse_host_port(value: str, default_port: int, allow_zero: bool = False) -> tuple[str, int, bool]:
     """Split C{host}, C{host:port}, C{[host]} or C{[host]:port}.
 
     @return: (host, port, bracketed); brackets mean "no MX lookup", as in
@@ -339,7 +340,7 @@ def parse_host_port(value: str, default_port: int) -> tuple[str, int, bool]:
     if not host:
         raise ValueError(f"empty host in {value!r}")
     if port_text:
-        if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        if not port_text.isdigit() or not (0 if allow_zero else 1) <= int(port_text) < 65536:
             raise ValueError(f"bad port in {value!r}")
         port = int(port_text)
     else:
@@ -507,6 +508,7 @@ def _listener(path: str, index: int, raw: Any) -> ListenerConfig:
         tls=tls,
         auth=auth,
         submission=t.get("submission", bool, auth),
+        require_auth=t.get("require_auth", bool, auth),
         plugins=t.string_list("plugins", ("relay_guard",)),
     )
     if len(set(cfg.plugins)) != len(cfg.plugins):
@@ -748,7 +750,7 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> GatewayConfig:
     listen = t.get("listen", str, "")
     if listen:
         try:
-            host, port, _ = parse_host_port(listen, 9464)
+            host, port, _ = parse_host_port(listen, 9464, allow_zero=True)
             ipaddress.ip_address(host)
         except ValueError as exc:
             raise t.error("listen", f"expected ip:port: {exc}") from None

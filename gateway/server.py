@@ -128,6 +128,7 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             id=f"{next(_session_ids):x}{secrets.token_hex(2)}", listener=self.listener.name,
             peer=host, peer_port=getattr(peer, "port", 0),
         )
+        self.session.trusted = self._trusted_peer()
         if not self.gateway.limiter.acquire(host):
             self.log.info("refused {client}: too many connections", client=host)
             self._send(R.TOO_MANY_CONNECTIONS)
@@ -460,7 +461,7 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
         self.transport.startTLS(self.ctx)
         old = self.session
         self.session = Session(id=old.id, listener=old.listener, peer=old.peer,
-                               peer_port=old.peer_port, peer_name=old.peer_name)
+                               peer_port=old.peer_port, peer_name=old.peer_name, trusted=old.trusted)
         self.transaction = None
         self._tls_pending = True
 
@@ -476,6 +477,11 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             return
         if self.transaction is not None:
             self._error(R.NESTED_MAIL)
+            return
+        if self.listener.require_auth and self.session.auth_user is None and not self._trusted_peer():
+            # RFC 4954 §6 / Postfix permit_sasl_authenticated, reject: a
+            # submission port takes mail only from users who logged in.
+            self._error(Reply(530, "5.7.0", "Authentication required"))
             return
         if argument[:5].upper() != "FROM:":
             self._error(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
@@ -509,6 +515,14 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             self._send(outcome.reply or R.SENDER_OK)
 
         self._after(self.pipeline.run("mail", self.session, transaction, sender), done)
+
+    def _trusted_peer(self) -> bool:
+        """True for clients in [server] trusted_networks (internal servers)."""
+        if self.session.trusted:
+            return True
+        address = self.session.peer_ip
+        return any(address in network for network in self.config.server.trusted_networks
+                   if network.version == address.version)
 
     def _mail_params(self, params: dict[str, str | None]) -> Reply | None:
         for key, value in params.items():

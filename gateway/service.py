@@ -281,7 +281,7 @@ class GatewayService(service.MultiService):
             from gateway.config import parse_host_port
             from gateway.metrics import metrics_site
 
-            host, port_number, _ = parse_host_port(config.metrics.listen, 9464)
+            host, port_number, _ = parse_host_port(config.metrics.listen, 9464, allow_zero=True)
             try:
                 port = self.reactor.listenTCP(port_number, metrics_site(self.metrics, config.metrics.path),
                                               interface=host)
@@ -372,6 +372,9 @@ class GatewayService(service.MultiService):
             self.tls.current = new.tls_context
         self.limiter.max_total = config.limits.max_connections
         self.limiter.max_per_ip = config.limits.max_connections_per_ip
+        failures = self.auth_failures
+        failures.window, failures.delay_after = config.auth.failure_window, config.auth.delay_after
+        failures.max_failures, failures.delay = config.auth.max_failures, config.auth.failure_delay
         wanted = {listener.name: listener for listener in config.listeners}
         for name in list(self.ports):
             listener = wanted.get(name)
@@ -403,6 +406,9 @@ class GatewayService(service.MultiService):
             del self.factories[name]
         if self.scheduler is not None:
             self.scheduler.reconfigure(config, self._router(config, new.resolver))
+        if old.store is not None and new.store is not old.store:
+            # Sessions in flight may still use the old store for a moment.
+            self.reactor.callLater(1, lambda: defer.maybeDeferred(old.store.close))
         self.reloads += 1
         self._start_log()
         self.log.info("reloaded {path}: listeners {listeners}", path=self.config_path,

@@ -364,7 +364,10 @@ class Options:
 
     def __post_init__(self) -> None:
         for text in self.header_rules:
-            parse_header_rule(text)
+            try:
+                parse_header_rule(text)
+            except ValueError as exc:
+                raise ValueError(f"header_rules: {exc}") from None
         for key in ("max_headers", "max_field_size"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must not be negative; got {getattr(self, key)!r}")

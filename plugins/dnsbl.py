@@ -212,7 +212,10 @@ class Options:
         if not self.sites:
             raise ValueError("sites must name at least one list, e.g. \"zen.example=127.0.0.[2..11]*3\"")
         for text in self.sites:
-            parse_site(text)
+            try:
+                parse_site(text)
+            except ValueError as exc:
+                raise ValueError(f"sites: {exc}") from None
         if self.stage not in STAGES:
             raise ValueError(f"stage must be \"rcpt\" or \"connect\"; got {self.stage!r}")
         if self.query_timeout <= 0:

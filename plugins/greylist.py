@@ -53,6 +53,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer, provider
 
@@ -157,11 +158,10 @@ def triplet_key(network: str, sender: str, recipient: str) -> str:
 class Greylist:
     """The C{greylist} plugin (one per configuration, shared by listeners)."""
 
-    def __init__(self, options: Options, context: Any) -> None:
-        from twisted.logger import Logger
+    log = Logger(namespace="plugins.greylist")
 
+    def __init__(self, options: Options, context: Any) -> None:
         self.options = options
-        self.log = Logger(namespace=f"plugins.{context.name}")
         self._name = context.name
         self._clock = context.clock
         self._store = context.store

@@ -67,6 +67,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer, provider
 
@@ -175,11 +176,10 @@ def _printable(text: str, limit: int = 100) -> str:
 class RateLimit:
     """The C{ratelimit} plugin (one per configuration, shared by listeners)."""
 
-    def __init__(self, options: Options, context: Any) -> None:
-        from twisted.logger import Logger
+    log = Logger(namespace="plugins.ratelimit")
 
+    def __init__(self, options: Options, context: Any) -> None:
         self.options = options
-        self.log = Logger(namespace=f"plugins.{context.name}")
         self._name = context.name
         self._clock = context.clock
         self._store = context.store
@@ -245,14 +245,11 @@ class RateLimit:
                    if subject in subjects]
         if not counted:
             return CONTINUE
-        calls = []
-        for option, subject, limit, value in counted:
-            try:
-                call = defer.maybeDeferred(self._store.incr, f"ratelimit:{event}:{subject}:{value}", 1,
-                                           self.options.window)
-            except Exception as exc:  # maybeDeferred catches; this is belt and braces
-                call = defer.fail(exc)
-            calls.append(call)
+        # One counter per subject, all at once: the stage waits for one
+        # store round trip (bounded by [store] timeout), not one per limit.
+        calls = [defer.maybeDeferred(self._store.incr, f"ratelimit:{event}:{subject}:{value}", 1,
+                                     self.options.window)
+                 for option, subject, limit, value in counted]
         d = defer.gatherResults(calls, consumeErrors=True)
         d.addCallbacks(self._cb_counted, self._eb_store, callbackArgs=(event, counted, results),
                        errbackArgs=(event, session, results))

@@ -181,8 +181,8 @@ def test_listener_keys():
         {"name": "test", "port": 0},
     ], auth=AUTH)
     mx, sub, smtps, test = config.listeners
-    assert mx == ListenerConfig("mx", "0.0.0.0", 25, "starttls", False, False, ("relay_guard", "spf"))
-    assert sub == ListenerConfig("submission", "::", 587, "starttls-required", True, True, ("relay_guard",))
+    assert mx == ListenerConfig("mx", "0.0.0.0", 25, "starttls", False, False, False, ("relay_guard", "spf"))
+    assert sub == ListenerConfig("submission", "::", 587, "starttls-required", True, True, True, ("relay_guard",))
     assert smtps.address == "0.0.0.0"
     assert smtps.tls == "implicit"
     assert smtps.submission is False

@@ -205,6 +205,33 @@ def test_file_store_failed_write_is_logged_and_retried(tmp_path):
     assert result_of(store.close()) is None
 
 
+def test_file_store_snapshots_never_overlap(tmp_path):
+    """A snapshot asked for while one is being written waits for it, then
+    writes the newer state: two writers never share the temporary file."""
+    clock = Clock()
+    pending: list[tuple[defer.Deferred, Any, tuple]] = []
+
+    def slow_thread(function: Any, *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        pending.append((d, function, args))
+        return d
+
+    store = FileStore(str(tmp_path), clock, slow_thread)
+    result_of(store.set("k", b"first"))
+    first = store.snapshot()
+    result_of(store.set("k", b"second"))
+    second = store.close()
+    assert len(pending) == 1 and not first.called and not second.called
+    d, function, args = pending.pop()
+    d.callback(function(*args))
+    assert first.called and len(pending) == 1
+    d, function, args = pending.pop()
+    d.callback(function(*args))
+    assert second.called
+    rows = json.loads((tmp_path / SNAPSHOT_NAME).read_bytes())["entries"]
+    assert rows == [["k", "b", "c2Vjb25k", None]]
+
+
 def test_file_store_corrupt_snapshot_is_moved_aside(tmp_path):
     """An unreadable snapshot does not stop start-up: it is moved to
     state.json.corrupt and the store starts empty."""

@@ -265,10 +265,6 @@ async def test_stopping_the_gateway_closes_the_store(tmp_path):
         await service.gateway.store.close().addTimeout(10, reactor)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway bug: GatewayService.reload (gateway/service.py) builds a new store when [store] "
-    "changed but never closes the old one: its snapshot timer (file) or reconnecting "
-    "connection (redis) lives on, and with an unchanged path two FileStores write one file"))
 @pytest_twisted.ensureDeferred
 async def test_reload_with_another_store_closes_the_old_one(start_gateway, tmp_path):
     """A reload that changes [store] closes the store it replaces, which

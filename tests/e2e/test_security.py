@@ -237,7 +237,7 @@ def auth_config(tmp_path: Path, *, listeners: list[dict[str, Any]] | None = None
     doc["auth"] = {"users_file": str(users_path), **(auth or {})}
     doc["listener"] = listeners or [
         {"name": "submission", "address": "127.0.0.1", "port": 0, "tls": "starttls",
-         "auth": True, "plugins": ["relay_guard"]},
+         "auth": True, "require_auth": False, "plugins": ["relay_guard"]},
     ]
     return doc
 
@@ -1261,3 +1261,25 @@ async def test_broken_users_file_is_a_temporary_failure(run_gateway, tmp_path):
     assert broken == (454, "4.7.0")
     assert service.auth_failures.failures("127.0.0.1", USER) == 0
     assert logs.matching(str(users)), "the users file error is not logged"
+
+
+@pytest_twisted.ensureDeferred
+async def test_require_auth_refuses_mail_before_login(run_gateway, tmp_path):
+    """On an auth listener (require_auth defaults to auth) MAIL before AUTH
+    gets 530 5.7.0 Authentication required; after AUTH it is accepted; a
+    client in trusted_networks may send without AUTH."""
+    doc = auth_config(tmp_path, limits={"max_bad_commands": 1000})
+    doc["listener"][0].pop("require_auth")
+    service = run_gateway(doc)
+    port = service.port_of("submission")
+
+    def talk():
+        with Wire(port) as wire:
+            wire.tls_ready()
+            before = wire.cmd(f"MAIL FROM:<{USER}>").pair
+            assert wire.auth_plain().pair == (235, "2.7.0")
+            after = wire.cmd(f"MAIL FROM:<{USER}>").code
+            return before, after
+
+    before, after = await in_thread(talk)
+    assert before == (530, "5.7.0") and after == 250

@@ -62,7 +62,6 @@ DEFAULT_RSA_BITS = 2048
 TXT_CHUNK = 255
 
 #: The longest CNAME chain L{lookup_txt} follows.
-MAX_CNAME_CHAIN = 8
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -422,41 +421,18 @@ def read_for_dkim(handle: BinaryIO, **options: Any) -> Any:
 
 
 async def lookup_txt(resolver: Any, name: str) -> list[bytes]:
-    """The TXT records at C{name}, each one's character-strings joined.
+    """The TXT records at C{name} (L{gateway.dns.lookup_txt}), except that
+    "no such name" also gives C{[]}: for a DKIM key or a DMARC policy it
+    means the same as "no TXT record" (nothing published).
 
-    Both "no such name" and "no TXT record" give C{[]}: for a DKIM key or
-    a DMARC policy they mean the same thing (nothing published).  CNAMEs
-    are followed, in the answer or by asking again.
-
-    @param resolver: a twisted.names IResolver (C{context.resolver}).
-    @param name: an ASCII domain name.
-    @raise gateway.dns.DNSTemporaryError: timeout, SERVFAIL, REFUSED, a
-        CNAME loop: the look-up may succeed later.
+    @raise gateway.dns.DNSTemporaryError: the look-up may succeed later.
     """
-    from twisted.internet import defer
-    from twisted.names import dns, error
+    from gateway.dns import DNSPermanentError, lookup_txt as dns_lookup_txt
 
-    from gateway.dns import DNSTemporaryError, _describe, _follow, _name_text
-
-    target = _name_text(name)
-    seen = {target}
-    for _ in range(MAX_CNAME_CHAIN + 1):
-        try:
-            answers, _authority, _additional = await resolver.lookupText(target)
-        except defer.CancelledError:
-            raise
-        except (error.DNSNameError, error.AuthoritativeDomainError):
-            return []
-        except Exception as exc:
-            raise DNSTemporaryError(f"{target} TXT: {_describe(exc)}") from exc
-        records, end = _follow(answers, target, dns.TXT)
-        if records or end == target:
-            return [b"".join(record.data) for record in records]
-        if end in seen:
-            raise DNSTemporaryError(f"{name}: CNAME loop at {end}")
-        seen.add(end)
-        target = end
-    raise DNSTemporaryError(f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN}")
+    try:
+        return await dns_lookup_txt(resolver, name)
+    except DNSPermanentError:
+        return []
 
 
 # -- gatewayctl dkim ----------------------------------------------------------

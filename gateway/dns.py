@@ -127,6 +127,18 @@ async def lookup_addresses(resolver: IResolver, host: str) -> list[str]:
     return []
 
 
+async def lookup_txt(resolver: IResolver, name: str) -> list[bytes]:
+    """The TXT records of C{name}, each one's character-strings joined
+    (RFC 7208 §3.3, RFC 6376 §3.6.2.2, RFC 8461 §3.1), following CNAMEs.
+
+    @return: the records; C{[]} when the name exists without TXT (NODATA).
+    @raise DNSPermanentError: NXDOMAIN.
+    @raise DNSTemporaryError: any other failure.
+    """
+    records = await _lookup(resolver, name, dns.TXT)
+    return [b"".join(record.data) for record in records]
+
+
 def reverse_pointer(ip: str) -> str:
     """The in-addr.arpa / ip6.arpa name of an address (RFC 1035 §3.5, RFC 3596 §2.5)."""
     import ipaddress
@@ -169,6 +181,7 @@ async def _lookup(resolver: IResolver, name: str, rtype: int) -> list[Any]:
         dns.AAAA: resolver.lookupIPV6Address,
         dns.MX: resolver.lookupMailExchange,
         dns.PTR: resolver.lookupPointer,
+        dns.TXT: resolver.lookupText,
     }[rtype]
     target = _name_text(name)
     seen = {target}

@@ -56,8 +56,6 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 from twisted.logger import Logger
-from twisted.names import dns
-from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -78,7 +76,6 @@ DEFAULT_MAX_SIZE = 64 * 1024
 POLICY_PATH = "/.well-known/mta-sts.txt"
 
 #: The longest CNAME chain followed for the TXT record.
-MAX_CNAME_CHAIN = 8
 
 #: PolicyError kinds, and the TLS-RPT result type each is reported as.
 RESULT_TYPES = {
@@ -565,64 +562,15 @@ class FilePolicyCache:
 # -- DNS -------------------------------------------------------------------------
 
 
-def _name_text(name: str | bytes) -> str:
-    if isinstance(name, bytes):
-        name = name.decode("ascii", "backslashreplace")
-    return name.rstrip(".").lower()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, dns_error.DNSServerError):
-        return "server failure (SERVFAIL)"
-    if isinstance(exc, dns_error.DNSQueryRefusedError):
-        return "query refused (REFUSED)"
-    if isinstance(exc, (defer.TimeoutError, TimeoutError, dns_error.DNSQueryTimeoutError)):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"
-
-
 async def lookup_txt(resolver: IResolver, name: str) -> list[str]:
-    """The TXT records of C{name}, one string per record (its
-    character-strings concatenated, RFC 8461 §3.1), following CNAMEs.
+    """The TXT records of C{name} as text (see L{gateway.dns.lookup_txt}).
 
-    @return: the records; C{[]} when the name exists without TXT (NODATA).
     @raise DNSPermanentError: NXDOMAIN.
-    @raise DNSTemporaryError: any other failure (bounded by the resolver's
-        own timeout).
+    @raise DNSTemporaryError: any other failure.
     """
-    target = _name_text(name)
-    seen = {target}
-    for _ in range(MAX_CNAME_CHAIN + 1):
-        try:
-            answers, _authority, _additional = await resolver.lookupText(target)
-        except defer.CancelledError:
-            raise
-        except (dns_error.DNSNameError, dns_error.AuthoritativeDomainError) as exc:
-            raise DNSPermanentError(f"{target}: no such domain (NXDOMAIN)") from exc
-        except Exception as exc:
-            raise DNSTemporaryError(f"{target} TXT: {_describe(exc)}") from exc
-        aliases = {}
-        for rr in answers:
-            if rr.type == dns.CNAME:
-                aliases.setdefault(_name_text(rr.name.name), _name_text(rr.payload.name.name))
-        current, chain = target, {target}
-        while current in aliases:
-            current = aliases[current]
-            if current in chain:
-                raise DNSTemporaryError(f"{name}: CNAME loop at {current}")
-            chain.add(current)
-        records = [
-            b"".join(rr.payload.data).decode("utf-8", "replace")
-            for rr in answers
-            if rr.type == dns.TXT and _name_text(rr.name.name) == current
-        ]
-        if records or current == target:
-            return records
-        if current in seen:
-            raise DNSTemporaryError(f"{name}: CNAME loop at {current}")
-        seen.add(current)
-        target = current
-    raise DNSTemporaryError(f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN}")
+    from gateway import dns as gateway_dns
+
+    return [r.decode("utf-8", "replace") for r in await gateway_dns.lookup_txt(resolver, name)]
 
 
 # -- HTTPS fetch -------------------------------------------------------------------

@@ -58,10 +58,10 @@ C{TYPE PATTERN ACTION [text]} (C{#} starts a comment line; blank lines are
 ignored).  The config's rules of a type come before the file's.  The file
 is checked for changes (modification time, size, inode) at most every
 C{check_interval} seconds, in a thread, and read again in that thread
-when it changed; no file access ever happens on the reactor thread after
-start-up.  A file that is missing or broken at start-up stops the
-gateway; one that becomes broken later is logged and the last good rules
-stay in force.
+when it changed: only building the plugin (at start-up and on reload)
+reads it on the reactor thread.  A file that is missing or broken then
+stops the start-up (or refuses the reload); one that becomes broken
+later is logged once and the last good rules stay in force.
 
 Options (C{[plugins.access]}):
 

@@ -34,7 +34,8 @@ B{Attachments}: every MIME part of the message, nested messages included,
 is checked, by its file names (the C{filename} of Content-Disposition and
 the C{name} of Content-Type, both after RFC 2231 and RFC 2047 decoding)
 and by its media type.  A part is refused with C{550 5.7.1 Message
-rejected: attachment "x.exe" is not allowed} when:
+rejected: attachment "x.exe" is not allowed (.exe files are blocked)}
+when:
 
   - the last extension of a name is in C{blocked_extensions}
     (case-insensitive; trailing dots and blanks are ignored, as Windows
@@ -53,10 +54,15 @@ Options (C{[plugins.content]}):
 
   - C{header_rules = []}
   - C{max_headers = 500}, C{max_field_size = 102400}
-  - C{blocked_extensions}: default C{DEFAULT_EXTENSIONS} below; C{[]} turns
-    the check off.
+  - C{blocked_extensions}: by default exe, scr, com, bat, cmd, pif, vbs,
+    vbe, js, jse, wsf, wsh, hta, msi, msp, mst, jar, ps1, psm1, lnk, iso,
+    img, vhd, vhdx, cpl, reg, scf, inf, chm, gadget, application, appx,
+    msix, appref-ms, settingcontent-ms.  Setting the option replaces the
+    whole list; C{[]} turns the check off.
   - C{blocked_filenames = []}
-  - C{blocked_types}: default C{DEFAULT_TYPES} below.
+  - C{blocked_types}: by default application/x-msdownload,
+    application/x-msdos-program, application/x-dosexec,
+    application/x-ms-shortcut, application/hta, application/x-ms-installer.
   - C{max_mime_parts = 1000}
 
 Example::
@@ -67,8 +73,7 @@ Example::
         "/^X-Mailer: MassMailer/ TAG X-Spam-Flag: YES",
         "/^From:.*@partner\\\\.example/ HOLD partner mail is reviewed",
     ]
-    blocked_extensions = ["exe", "scr", "js", "vbs", "iso", "docm"]
-    blocked_filenames = ["*.pdf.*"]
+    blocked_filenames = ["*.pdf.*", "*.doc.*"]
     max_headers = 300
 
 (In TOML basic strings a regex backslash is written twice; a literal

@@ -216,6 +216,8 @@ class Options:
                 parse_site(text)
             except ValueError as exc:
                 raise ValueError(f"sites: {exc}") from None
+        if self.threshold < 1:
+            raise ValueError(f"threshold must be at least 1 (0 would refuse every client); got {self.threshold!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be \"rcpt\" or \"connect\"; got {self.stage!r}")
         if self.query_timeout <= 0:

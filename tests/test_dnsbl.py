@@ -93,6 +93,7 @@ def test_query_names(ip: str, name: str):
 @pytest.mark.parametrize("options, problem", [
     ({}, "sites must name"),
     ({"sites": ["bl.example"], "stage": "data"}, "stage"),
+    ({"sites": ["bl.example"], "threshold": 0}, "threshold"),
     ({"sites": ["bl.example=1.2.3"]}, "four octet"),
     ({"sites": ["bl.example"], "query_timeout": 0}, "query_timeout"),
     ({"sites": ["bl.example"], "cache_ttl": -1}, "cache_ttl"),

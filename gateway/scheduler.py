@@ -113,13 +113,7 @@ class DeliveryScheduler(service.Service):
         self.run_in_thread = run_in_thread
         self.rng = rng or random.Random()
         self.now = now or (lambda: clock.seconds())
-        relay = config.relay
-        self.policy = RetryPolicy(initial=config.queue.retry_initial, maximum=config.queue.retry_max,
-                                  max_age=config.queue.max_age)
-        self.timeouts = Timeouts(connect=relay.connect_timeout, greeting=relay.command_timeout,
-                                 command=relay.command_timeout, data_end=relay.data_timeout)
-        self.helo = relay.helo_name or config.server.hostname
-        self._trust = None
+        self.reconfigure(config, router)
         self._deferred: dict[str, float] = {}
         self._inflight: dict[str, _Message] = {}
         self._queues: dict[str, _DestinationQueue] = {}

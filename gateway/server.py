@@ -400,10 +400,7 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
         self._reset_transaction()
 
         def done(outcome: Outcome) -> None:
-            if outcome.failed:
-                self._send(outcome.reply)
-                if outcome.disconnect:
-                    self._close()
+            if self._refused(outcome):
                 return
             self.session.helo = argument
             self.session.esmtp = esmtp
@@ -505,16 +502,22 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
                                   size_hint=int(size) if size else None, started=time.monotonic())
 
         def done(outcome: Outcome) -> None:
-            if outcome.failed:
-                self._send(outcome.reply)
-                if outcome.disconnect:
-                    self._close()
+            if self._refused(outcome):
                 return
             transaction.add_headers.extend(outcome.add_headers)
             self.transaction = transaction
             self._send(outcome.reply or R.SENDER_OK)
 
         self._after(self.pipeline.run("mail", self.session, transaction, sender), done)
+
+    def _refused(self, outcome: Outcome) -> bool:
+        """Answer a failed stage (and close when it asks); True if it failed."""
+        if not outcome.failed:
+            return False
+        self._send(outcome.reply)
+        if outcome.disconnect:
+            self._close()
+        return True
 
     def _trusted_peer(self) -> bool:
         """True for clients in [server] trusted_networks (internal servers)."""
@@ -580,10 +583,7 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
             self._after(self.pipeline.run("rcpt", self.session, transaction, recipient), rcpt_done)
 
         def rcpt_done(outcome: Outcome) -> None:
-            if outcome.failed:
-                self._send(outcome.reply)
-                if outcome.disconnect:
-                    self._close()
+            if self._refused(outcome):
                 return
             if self.transaction is not transaction:
                 self._send(R.NEED_MAIL)

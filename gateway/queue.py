@@ -344,18 +344,17 @@ class Spool:
         """
         Start a new message in C{tmp/}, under a new queue id.
 
-        Called at DATA; touches the disk only to check that C{tmp/} is a
-        directory (the content's file is made later, see L{MessageWriter}).
+        Called at DATA; does not touch the disk (a stat can take as long as
+        a reply on a busy disk): the content's file is made later, see
+        L{MessageWriter}, and an id already in C{data/} is refused by the
+        commit, which never replaces an existing message.
 
         @return: The writer for the content.
         @raise QueueError: If the spool is unwritable.
         """
-        if not os.path.isdir(self._dir("tmp")):
-            error = NotADirectoryError(errno.ENOTDIR, "tmp/ is not a directory")
-            raise _queue_error("open message", "new id", error)
         for _ in range(_ID_ATTEMPTS):
             queue_id = new_queue_id(self._clock.seconds())
-            if queue_id in self._open_ids or os.path.lexists(self._data_file(queue_id)):
+            if queue_id in self._open_ids:
                 continue
             if len(self._open_order) == self._open_order.maxlen:
                 self._open_ids.discard(self._open_order[0])
@@ -566,6 +565,8 @@ class Spool:
         moved = []
         for index, job in enumerate(jobs):
             try:
+                if os.path.lexists(self._data_file(job.queue_id)):
+                    raise FileExistsError(errno.EEXIST, "queue id already in data/")
                 os.rename(
                     self._tmp_file(job.queue_id + _DATA_SUFFIX), self._data_file(job.queue_id)
                 )

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -48,6 +48,9 @@ from gateway.trace import authentication_results, format_date, message_id, recei
 from gateway.verdict import Action
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+#: Send replies straight to the socket when nothing is queued (see _out).
+_EAGER_WRITES = True
 
 # Protocol states.
 GREETING, COMMAND, DATA, CLOSED = "greeting", "command", "data", "closed"
@@ -322,14 +325,36 @@ class GatewaySMTP(SMTPAuthMixin, smtp.ESMTP):
 
     def _write_raw(self, text: str) -> None:
         if self.state != CLOSED:
-            self.transport.write(text.encode("utf-8", "replace"))
+            self._out(text.encode("utf-8", "replace"))
 
     def _send(self, reply: Reply) -> None:
         if self.state != CLOSED:
-            self.transport.write(reply.to_bytes())
+            self._out(reply.to_bytes())
             counters = self.gateway.reply_counters
             if counters is not None:
                 counters[reply.code // 100].inc()
+
+    def _out(self, data: bytes) -> None:
+        """Write a reply.  On a plain TCP connection with nothing queued the
+        bytes go to the socket at once: Twisted would register for
+        writability and send on the next reactor turn, two epoll changes
+        and a turn of latency per reply, which profiling showed to be the
+        largest cost per message.  Anything not sent is queued as usual."""
+        transport = self.transport
+        if (_EAGER_WRITES and isinstance(transport, tcp.Connection)
+                and not transport.TLS and not transport.dataBuffer and not transport._tempDataBuffer
+                and not transport.disconnecting):
+            try:
+                sent = transport.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                transport.write(data)  # let Twisted see and report the error
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def _close(self) -> None:
         self.state = CLOSED

@@ -389,7 +389,8 @@ async def test_connection_limit_per_ip(start_gateway):
 
 @pytest_twisted.ensureDeferred
 async def test_unwritable_spool_gives_452(start_gateway, tmp_path):
-    """When the spool cannot be written, DATA gets 452 4.3.1 and nothing is
+    """When the spool cannot be written, the message gets 452 4.3.1 (after
+    its final dot: small messages are written by the commit) and nothing is
     half-accepted."""
     service = start_gateway()
     port = service.port_of("mx")
@@ -402,7 +403,7 @@ async def test_unwritable_spool_gives_452(start_gateway, tmp_path):
             smtp.ehlo("c.example.org")
             smtp.mail("a@example.org")
             smtp.rcpt("b@example.test")
-            return smtp.docmd("DATA")
+            return smtp.data(b"Subject: x\r\n\r\nbody\r\n")
 
     code, text = await in_thread(talk)
     assert (code, text[:5]) == (452, b"4.3.1")

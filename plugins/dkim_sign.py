@@ -34,10 +34,12 @@ A key file of the author domain that cannot be read or is not a key
 gives C{451 4.3.0} and a logged traceback (fail closed), never mail that
 silently goes out unsigned.
 
-Refused: a message from a client that would be signed, with no From:,
-several From: fields, or a From: with several addresses or no valid domain,
-gets C{550 5.6.0} (for example C{Message must have exactly one From:
-header}): DMARC judges exactly one author domain, and a receiver would.
+Refused on submission listeners: a message from a client that would be
+signed, with no From:, several From: fields, or a From: with several
+addresses or no valid domain, gets C{550 5.6.0} (for example C{Message
+must have exactly one From: header}): DMARC judges exactly one author
+domain, and a receiver would.  On other listeners (trusted internal
+servers relaying) such a message is passed on unsigned.
 
 Options (C{[plugins.dkim_sign]}):
 
@@ -194,6 +196,7 @@ class DKIMSigner:
         self.store = store if store is not None else KeyStore(options.keys_dir)
         self._guard = RelayGuard(context)
         self._run_in_thread = context.run_in_thread
+        self._config = context.config
 
     def check_message(self, session: Any, transaction: Any, message: Any) -> Verdict | defer.Deferred:
         if not self._guard.is_trusted(session):
@@ -202,6 +205,11 @@ class DKIMSigner:
         try:
             domain = author_domain(message.headers)
         except AuthorError as exc:
+            if not self._is_submission(session):
+                # Relayed mail from trusted servers is passed on unsigned:
+                # refusing it is the submission port's job (RFC 6409 §8).
+                transaction.results.add(NAME, "skip", str(exc))
+                return CONTINUE
             transaction.results.add(NAME, "refused", str(exc))
             return reject(550, "5.6.0", str(exc))
         return defer.Deferred.fromCoroutine(self._sign(transaction, message.open, domain))
@@ -220,6 +228,12 @@ class DKIMSigner:
         transaction.results.add(NAME, "pass", " ".join(_tag(value, "d") + "/" + _tag(value, "s")
                                                       for _, value in fields))
         return cont(add_headers=fields)
+
+    def _is_submission(self, session: Any) -> bool:
+        try:
+            return self._config.listener(session.listener).submission
+        except KeyError:
+            return True
 
     def keys_for(self, domain: str) -> tuple[SigningKey, ...]:
         """The keys of C{domain}, or with C{subdomains} those of its

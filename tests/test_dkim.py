@@ -100,9 +100,11 @@ def run_now(f, *args):
 
 
 def plugin_context(tmp_path: Path, name: str, resolver: Any = None, run_in_thread: Any = run_now,
-                   **server: Any) -> PluginContext:
-    """A PluginContext over a parsed base config (C{server} overrides)."""
+                   submission: bool = False, **server: Any) -> PluginContext:
+    """A PluginContext over a parsed base config (C{server} overrides;
+    C{submission} makes its listener "mx" a submission listener)."""
     doc = base_config(tmp_path, server=server)
+    doc["listener"][0]["submission"] = submission
     return PluginContext(name, Clock(), resolver, parse_config(doc, str(tmp_path / "gateway.toml")),
                          run_in_thread)
 
@@ -426,8 +428,8 @@ def test_large_message_with_long_lines_and_8bit_body(keys):
 # -- the dkim_sign plugin ------------------------------------------------------
 
 
-def signer(tmp_path: Path, keys_dir: Path, **options: Any) -> DKIMSigner:
-    context = plugin_context(tmp_path, "dkim_sign", trusted_networks=["192.0.2.0/30"])
+def signer(tmp_path: Path, keys_dir: Path, submission: bool = False, **options: Any) -> DKIMSigner:
+    context = plugin_context(tmp_path, "dkim_sign", submission=submission, trusted_networks=["192.0.2.0/30"])
     return dkim_sign.factory.build(Options(keys_dir=str(keys_dir), **options), context)
 
 
@@ -453,13 +455,19 @@ def test_signer_signs_for_trusted_and_authenticated_clients_only(tmp_path: Path,
     (b"From: a@example.org, b@example.net\r\n", "From: header must hold exactly one address"),
 ])
 def test_signer_refuses_messages_without_one_author(tmp_path: Path, keys, block: bytes, text: str):
-    """From a client whose mail is signed, no From: or several give
-    550 5.6.0 with the reason."""
-    plugin = signer(tmp_path, keys[0])
+    """On a submission listener, from a client whose mail is signed, no
+    From: or several give 550 5.6.0 with the reason; on another listener
+    (trusted servers relaying) the message passes unsigned."""
+    plugin = signer(tmp_path, keys[0], submission=True)
     verdict = plugin.check_message(session("192.0.2.1"), Transaction(sender=None),
                                    spooled(tmp_path, block + b"\r\nbody\r\n"))
     assert verdict.action is Action.REJECT
     assert (verdict.reply.code, verdict.reply.status, verdict.reply.text) == (550, "5.6.0", text)
+    relaying = signer(tmp_path, keys[0])
+    transaction = Transaction(sender=None)
+    verdict = relaying.check_message(session("192.0.2.1"), transaction, spooled(tmp_path, block + b"\r\nbody\r\n"))
+    assert verdict.action is Action.CONTINUE and verdict.add_headers == ()
+    assert [r.result for r in transaction.results] == ["skip"]
 
 
 def test_signer_without_key_and_with_subdomains(tmp_path: Path, keys):
